@@ -1,0 +1,37 @@
+# sgexp: every target installs what it needs into .venv on first use.
+# Tested versions are pinned in constraints.txt (torch 2.14.1 is found on local disk).
+
+PYTHON ?= python3
+VENV   ?= .venv
+PY     := $(VENV)/bin/python
+STAMP  := $(VENV)/.sgexp-installed
+
+.PHONY: install test test-slow lint flops clean
+
+install: $(STAMP)
+
+$(STAMP): pyproject.toml constraints.txt
+	test -x $(PY) || $(PYTHON) -m venv $(VENV)
+	$(PY) -m pip install --quiet --upgrade pip
+	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
+	touch $(STAMP)
+
+test: $(STAMP)
+	$(PY) -m pytest -q
+
+test-slow: $(STAMP)
+	$(PY) -m pytest -q -m slow
+
+lint: $(STAMP)
+	$(PY) -m ruff check sgexp tests
+	$(PY) -m ruff format --check sgexp tests
+
+# The paper's SiT-XL/2 numbers: unguided, CFG and SG(0.5, 0.9) per step.
+flops: $(STAMP)
+	$(PY) -m sgexp.flops --model SiT-XL/2 --image-size 256 --channels 4 --route 2:24 --guidance none
+	$(PY) -m sgexp.flops --model SiT-XL/2 --image-size 256 --channels 4 --route 2:24 --guidance cfg --scale 1.5
+	$(PY) -m sgexp.flops --model SiT-XL/2 --image-size 256 --channels 4 --route 2:24 --guidance sg \
+		--scale 1.5 --gamma-strong 0.5 --gamma-weak 0.9
+
+clean:
+	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

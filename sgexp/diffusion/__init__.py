@@ -1,0 +1,41 @@
+"""Flow matching, guidance rules and samplers. Pure PyTorch, independent of the network code."""
+
+from sgexp.diffusion.flow import FlowMatching, interpolate, logit_normal_timesteps, predict_data, velocity_target
+from sgexp.diffusion.guidance import (
+    RULES,
+    Branch,
+    Constant,
+    Cosine,
+    Guidance,
+    Pass,
+    autoguidance,
+    build_guidance,
+    cfg,
+    cfg_sparse_guidance,
+    sparse_guidance,
+    unguided,
+)
+from sgexp.diffusion.sampler import SOLVERS, Sampler, generate
+
+__all__ = [
+    "RULES",
+    "SOLVERS",
+    "Branch",
+    "Constant",
+    "Cosine",
+    "FlowMatching",
+    "Guidance",
+    "Pass",
+    "Sampler",
+    "autoguidance",
+    "build_guidance",
+    "cfg",
+    "cfg_sparse_guidance",
+    "generate",
+    "interpolate",
+    "logit_normal_timesteps",
+    "predict_data",
+    "sparse_guidance",
+    "unguided",
+    "velocity_target",
+]

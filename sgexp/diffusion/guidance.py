@@ -1,0 +1,284 @@
+"""Guidance rules: which network passes a sampling step runs, and how they combine.
+
+Every rule in the table of DESIGN.md is one pattern, a strong and a weak
+prediction extrapolated away from the weak one (CFG, Ho & Salimans 2022;
+AutoGuidance, Karras et al. 2024; Sparse Guidance, Krause et al. 2026, Eq. 7-8):
+
+    D = D_weak + w · (D_strong − D_weak)
+
+A branch is (model, label or null, sparsity schedule). The rules differ only in
+their two branches:
+
+    rule     weak branch               strong branch
+    none     -                         D(c; γ)          (one pass)
+    cfg      D(∅; 0)                   D(c; 0)
+    sg       D(c; γ_w)                 D(c; γ_s)        both conditional, γ_s < γ_w
+    cfg_sg   D(∅; γ_w)                 D(c; γ_s)
+    ag       D_weak-model(c; 0)        D(c; 0)
+    ag_sg    D_weak-model(c; γ_w)      D(c; γ_s)
+
+``Guidance.passes`` lists the passes of a step without running anything, so the
+FLOPs model prices a rule from the same description the sampler executes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+
+import torch
+
+from sgexp.checks import check_choice, check_guidance_scale, check_sparsity, check_time_interval, fail
+
+
+@dataclass(frozen=True)
+class Constant:
+    """The same γ at every sampling step."""
+
+    value: float = 0.0
+
+    def __post_init__(self) -> None:
+        check_sparsity("sparsity", self.value)
+
+    def __call__(self, step: int, num_steps: int) -> float:
+        return self.value
+
+    def __str__(self) -> str:
+        return f"{self.value:g}"
+
+
+@dataclass(frozen=True)
+class Cosine:
+    """γ moves from ``start`` (first step) to ``end`` (last step) along a half cosine."""
+
+    start: float
+    end: float
+
+    def __post_init__(self) -> None:
+        check_sparsity("sparsity.start", self.start)
+        check_sparsity("sparsity.end", self.end)
+
+    def __call__(self, step: int, num_steps: int) -> float:
+        if num_steps <= 1:
+            return self.start
+        progress = step / (num_steps - 1)
+        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * progress))
+
+    def __str__(self) -> str:
+        return f"cosine:{self.start:g}:{self.end:g}"
+
+
+Schedule = Constant | Cosine
+
+
+def as_schedule(value: float | str | Schedule, name: str = "sparsity") -> Schedule:
+    """A number (constant γ), ``"cosine:START:END"``, or a schedule object."""
+    if isinstance(value, (Constant, Cosine)):
+        return value
+    if isinstance(value, str) and value.startswith("cosine:"):
+        try:
+            start, end = (float(v) for v in value.split(":")[1:])
+        except ValueError:
+            raise fail(name, value, "expected 'cosine:START:END', e.g. 'cosine:0.6:0'") from None
+        return Cosine(start, end)
+    try:
+        return Constant(check_sparsity(name, float(value)))
+    except (TypeError, ValueError) as err:
+        if "is invalid" in str(err):
+            raise
+        raise fail(name, value, "expected a number in [0, 1) or 'cosine:START:END'") from None
+
+
+@dataclass(frozen=True)
+class Pass:
+    """One network evaluation: which model, conditional or null label, at which γ."""
+
+    model: str
+    conditional: bool
+    sparsity: float
+
+
+@dataclass(frozen=True)
+class Branch:
+    """One side of a guidance rule: a model, a label choice and a sparsity schedule."""
+
+    model: str = "main"
+    conditional: bool = True
+    sparsity: Schedule = field(default_factory=Constant)
+
+    def at(self, step: int, num_steps: int) -> Pass:
+        return Pass(self.model, self.conditional, self.sparsity(step, num_steps))
+
+    def __str__(self) -> str:
+        label = "c" if self.conditional else "∅"
+        model = "" if self.model == "main" else f"{self.model}:"
+        return f"{model}D({label}; γ={self.sparsity})"
+
+
+@dataclass(frozen=True)
+class Guidance:
+    """``D_weak + w·(D_strong − D_weak)``, guided only for t in ``interval``.
+
+    Outside the interval, and at w = 1, a step runs the strong branch alone (one
+    pass): D_weak + 1·(D_strong − D_weak) = D_strong, without paying for D_weak.
+    """
+
+    name: str
+    scale: float = 1.0
+    strong: Branch = field(default_factory=Branch)
+    weak: Branch | None = None
+    interval: tuple[float, float] | None = None
+
+    def __post_init__(self) -> None:
+        check_guidance_scale("guidance.scale", self.scale)
+        object.__setattr__(self, "interval", check_time_interval("guidance.interval", self.interval))
+
+    @property
+    def models(self) -> set[str]:
+        """Model names the rule needs (keys of the ``models`` mapping)."""
+        return {b.model for b in (self.strong, self.weak) if b is not None}
+
+    def guided_at(self, t: float) -> bool:
+        if self.weak is None or self.scale == 1.0:
+            return False
+        return self.interval is None or self.interval[0] <= t <= self.interval[1]
+
+    def passes(self, step: int, num_steps: int, t: float) -> list[Pass]:
+        """Passes of one evaluation at time t: ``[weak, strong]`` when guided, else ``[strong]``."""
+        strong = self.strong.at(step, num_steps)
+        if not self.guided_at(t):
+            return [strong]
+        return [self.weak.at(step, num_steps), strong]
+
+    def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
+        """Outputs of ``passes`` in the same order -> the guided prediction."""
+        if len(outputs) == 1:
+            return outputs[0]
+        d_weak, d_strong = outputs
+        return d_weak + self.scale * (d_strong - d_weak)
+
+    def __str__(self) -> str:
+        if self.weak is None:
+            return f"{self.name}: {self.strong}"
+        interval = f", t∈[{self.interval[0]:g}, {self.interval[1]:g}]" if self.interval else ""
+        return f"{self.name}: {self.weak} + {self.scale:g}·({self.strong} − {self.weak}){interval}"
+
+    def to_dict(self) -> dict:
+        """Flat description for logs and tracking."""
+        return {
+            "rule": self.name,
+            "scale": self.scale,
+            "strong": str(self.strong),
+            "weak": str(self.weak) if self.weak else None,
+            "interval": list(self.interval) if self.interval else None,
+        }
+
+
+def evaluate(
+    rule: Guidance,
+    models: Mapping[str, torch.nn.Module],
+    x: torch.Tensor,
+    t: float,
+    labels: torch.Tensor,
+    step: int,
+    num_steps: int,
+    generator=None,
+) -> torch.Tensor:
+    """Run the passes of ``rule`` at (x, t) and combine them. x (B, C, H, W), labels (B,)."""
+    t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+    outputs = []
+    for p in rule.passes(step, num_steps, t):
+        model = models[p.model]
+        y = labels if p.conditional else torch.full_like(labels, model.null_label)
+        outputs.append(model(x, t_batch, y, sparsity=p.sparsity, generator=generator))
+    return rule.combine(outputs)
+
+
+# ----------------------------------------------------------------------------- rules
+
+
+def unguided(sparsity: float | str | Schedule = 0.0) -> Guidance:
+    """D(c; γ): one conditional pass (γ=0: the dense network)."""
+    return Guidance("none", strong=Branch(sparsity=as_schedule(sparsity, "sparsity")))
+
+
+def cfg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
+    """Classifier-free guidance: D(∅;0) + w·(D(c;0) − D(∅;0))."""
+    return Guidance("cfg", scale, strong=Branch(), weak=Branch(conditional=False), interval=interval)
+
+
+def _sparse_branches(strong_sparsity, weak_sparsity) -> tuple[Schedule, Schedule]:
+    return as_schedule(strong_sparsity, "gamma_strong"), as_schedule(weak_sparsity, "gamma_weak")
+
+
+def sparse_guidance(
+    scale: float,
+    strong_sparsity: float | str | Schedule = 0.5,
+    weak_sparsity: float | str | Schedule = 0.9,
+    interval: tuple[float, float] | None = None,
+) -> Guidance:
+    """Sparse Guidance (Eq. 7): D(c;γ_w) + w·(D(c;γ_s) − D(c;γ_w)), both conditional.
+
+    With constant schedules the weak branch must be sparser: γ_s < γ_w.
+    """
+    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
+    if isinstance(strong, Constant) and isinstance(weak, Constant) and strong.value >= weak.value:
+        raise fail(
+            "gamma_strong", strong.value, f"Sparse Guidance needs gamma_strong < gamma_weak (gamma_weak={weak.value})"
+        )
+    return Guidance("sg", scale, strong=Branch(sparsity=strong), weak=Branch(sparsity=weak), interval=interval)
+
+
+def cfg_sparse_guidance(
+    scale: float,
+    strong_sparsity: float | str | Schedule = 0.0,
+    weak_sparsity: float | str | Schedule = 0.5,
+    interval: tuple[float, float] | None = None,
+) -> Guidance:
+    """CFG + SG (Eq. 8): D(∅;γ_w) + w·(D(c;γ_s) − D(∅;γ_w))."""
+    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
+    weak_branch = Branch(conditional=False, sparsity=weak)
+    return Guidance("cfg_sg", scale, strong=Branch(sparsity=strong), weak=weak_branch, interval=interval)
+
+
+def autoguidance(
+    scale: float,
+    strong_sparsity: float | str | Schedule = 0.0,
+    weak_sparsity: float | str | Schedule = 0.0,
+    interval: tuple[float, float] | None = None,
+) -> Guidance:
+    """AutoGuidance, weak branch = model ``"weak"`` (an earlier or smaller checkpoint);
+    with non-zero sparsities it is AG+SG (the paper's SG_FID setting uses cosine
+    0.6→0 on the weak branch and 0→0.6 on the strong one)."""
+    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
+    name = "ag" if strong == Constant(0.0) and weak == Constant(0.0) else "ag_sg"
+    weak_branch = Branch(model="weak", sparsity=weak)
+    return Guidance(name, scale, strong=Branch(sparsity=strong), weak=weak_branch, interval=interval)
+
+
+RULES = ("none", "cfg", "sg", "cfg_sg", "ag", "ag_sg")
+
+
+def build_guidance(
+    rule: str,
+    scale: float = 1.0,
+    gamma_strong: float | str | Schedule = 0.0,
+    gamma_weak: float | str | Schedule = 0.0,
+    interval: tuple[float, float] | None = None,
+) -> Guidance:
+    """A rule by name, for configs and command lines (``none`` uses ``gamma_strong``)."""
+    check_choice("guidance", rule, RULES)
+    if rule == "none":
+        return unguided(gamma_strong)
+    if rule == "cfg":
+        if as_schedule(gamma_strong) != Constant(0.0) or as_schedule(gamma_weak) != Constant(0.0):
+            raise fail("guidance", rule, "plain CFG runs dense passes; use 'cfg_sg' for sparse branches")
+        return cfg(scale, interval)
+    builder = {
+        "sg": sparse_guidance,
+        "cfg_sg": cfg_sparse_guidance,
+        "ag": autoguidance,
+        "ag_sg": autoguidance,
+    }[rule]
+    return builder(scale, gamma_strong, gamma_weak, interval)

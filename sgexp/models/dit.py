@@ -1,0 +1,251 @@
+"""TREAD-routed DiT/SiT backbone and its size registry.
+
+DiT (Peebles & Xie, arXiv 2212.09748) and SiT (Ma et al., arXiv 2401.08740)
+share this architecture; they differ in the training objective, which lives in
+``sgexp.diffusion``. Here the network predicts the flow-matching velocity, so
+the output has as many channels as the input. ``DiT-XL/2`` and ``SiT-XL/2``
+name the same network.
+
+Routes (``sgexp.models.routing``) let a random subset of tokens skip a span of
+blocks. The forward pass takes the sparsity γ to run at, so one set of weights
+serves dense sampling (γ=0), TREAD training (γ_train) and both branches of
+Sparse Guidance (γ_strong < γ_weak).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+import torch
+from torch import nn
+
+from sgexp.checks import check_positive_int, check_sparsity, fail
+from sgexp.models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
+from sgexp.models.routing import (
+    Generators,
+    Route,
+    check_routes,
+    kept_tokens,
+    resolve_sparsity,
+    route,
+    select_tokens,
+    unroute,
+)
+
+
+@dataclass(frozen=True)
+class ModelSize:
+    """Depth / width / heads of a registry entry, and its default TREAD route."""
+
+    depth: int
+    hidden_size: int
+    num_heads: int
+    route: tuple[int, int]
+
+
+# Paper sizes follow DiT; their default route is TREAD's 2 -> L-4. The two small
+# sizes train in minutes on 2 CPU cores (DESIGN.md: depth 6, width 128 gives
+# recognisable MNIST digits in ~12 minutes); their route leaves one dense block
+# on each side.
+MODEL_SIZES: dict[str, ModelSize] = {
+    "Micro": ModelSize(depth=4, hidden_size=64, num_heads=2, route=(1, 2)),
+    "Tiny": ModelSize(depth=6, hidden_size=128, num_heads=4, route=(1, 3)),
+    "S": ModelSize(depth=12, hidden_size=384, num_heads=6, route=(2, 8)),
+    "B": ModelSize(depth=12, hidden_size=768, num_heads=12, route=(2, 8)),
+    "L": ModelSize(depth=24, hidden_size=1024, num_heads=16, route=(2, 20)),
+    "XL": ModelSize(depth=28, hidden_size=1152, num_heads=16, route=(2, 24)),
+}
+PATCH_SIZES = (1, 2, 4, 8)
+_NAME = re.compile(r"^(?:DiT|SiT)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
+
+
+def parse_model_name(name: str) -> tuple[ModelSize, int]:
+    """``"SiT-XL/2"`` -> (size, patch). ``DiT-`` and ``SiT-`` are synonyms."""
+    match = _NAME.match(name) if isinstance(name, str) else None
+    allowed = f"'SiT-<size>/<patch>' with size in {list(MODEL_SIZES)} and patch in {list(PATCH_SIZES)}"
+    if match is None or match["size"] not in MODEL_SIZES or int(match["patch"]) not in PATCH_SIZES:
+        raise fail("model", name, allowed)
+    return MODEL_SIZES[match["size"]], int(match["patch"])
+
+
+@dataclass(frozen=True)
+class DiTConfig:
+    """Everything that fixes the network's shape and cost (and nothing else)."""
+
+    input_size: int = 32
+    in_channels: int = 4
+    patch_size: int = 2
+    hidden_size: int = 1152
+    depth: int = 28
+    num_heads: int = 16
+    mlp_ratio: float = 4.0
+    num_classes: int = 1000
+    class_dropout_prob: float = 0.1
+    routes: tuple[Route, ...] = field(default_factory=tuple)
+
+    def __post_init__(self) -> None:
+        for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
+            check_positive_int(name, getattr(self, name))
+        if self.input_size % self.patch_size:
+            raise fail("input_size", self.input_size, f"must be divisible by patch_size={self.patch_size}")
+        if self.hidden_size % self.num_heads:
+            raise fail("hidden_size", self.hidden_size, f"must be divisible by num_heads={self.num_heads}")
+        if self.hidden_size % 4:
+            raise fail("hidden_size", self.hidden_size, "must be a multiple of 4 (2-D sin-cos embedding)")
+        if not self.mlp_ratio > 0:
+            raise fail("mlp_ratio", self.mlp_ratio, "must be > 0")
+        if not 0.0 <= self.class_dropout_prob < 1.0:
+            raise fail("class_dropout_prob", self.class_dropout_prob, "must be in [0, 1)")
+        object.__setattr__(self, "routes", check_routes(self.routes, self.depth))
+
+    @classmethod
+    def from_name(
+        cls,
+        name: str,
+        *,
+        input_size: int,
+        in_channels: int,
+        num_classes: int,
+        routes: Sequence[Route] | str = "default",
+        train_sparsity: float = 0.5,
+        **overrides,
+    ) -> DiTConfig:
+        """Config for a registry name. ``routes="default"`` is the size's TREAD
+        route at ``train_sparsity``; ``routes=()`` gives a dense model."""
+        size, patch = parse_model_name(name)
+        if isinstance(routes, str):
+            if routes != "default":
+                raise fail("routes", routes, "must be 'default' or a sequence of Route")
+            routes = (Route(*size.route, sparsity=check_sparsity("train_sparsity", train_sparsity)),)
+        return cls(
+            input_size=input_size,
+            in_channels=in_channels,
+            patch_size=patch,
+            hidden_size=size.hidden_size,
+            depth=size.depth,
+            num_heads=size.num_heads,
+            num_classes=num_classes,
+            routes=tuple(routes),
+            **overrides,
+        )
+
+    @property
+    def num_tokens(self) -> int:
+        return (self.input_size // self.patch_size) ** 2
+
+    def tokens_per_block(self, sparsity: float | Sequence[float] = 0.0) -> list[int]:
+        """Tokens each block processes at the given γ (one value or one per route)."""
+        gammas = resolve_sparsity(self.routes, sparsity, training=False)
+        tokens = [self.num_tokens] * self.depth
+        for r, gamma in zip(self.routes, gammas, strict=True):
+            for block in range(r.start, r.end + 1):
+                tokens[block] = kept_tokens(self.num_tokens, gamma)
+        return tokens
+
+
+class DiT(nn.Module):
+    """Diffusion transformer over p×p patches with optional TREAD routes.
+
+    ``forward(x, t, y, sparsity=None, generator=None)`` maps a noisy input
+    x (B, C, H, W), times t ∈ [0, 1] (B,) and labels y (B,) (``null_label`` for
+    the unconditional branch) to the velocity (B, C, H, W).
+    """
+
+    def __init__(self, config: DiTConfig):
+        super().__init__()
+        self.config = config
+        D = config.hidden_size
+        self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
+        self.t_embedder = TimestepEmbedder(D)
+        self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
+        # Fixed, not learned: a buffer so it follows .to(device) and is saved with the weights.
+        self.register_buffer("pos_embed", sincos_2d(D, config.input_size // config.patch_size)[None], persistent=False)
+        self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
+        self.final_layer = FinalLayer(D, config.patch_size, config.in_channels)
+        self.initialize_weights()
+
+    @property
+    def routes(self) -> tuple[Route, ...]:
+        return self.config.routes
+
+    @property
+    def null_label(self) -> int:
+        return self.y_embedder.null_label
+
+    def initialize_weights(self) -> None:
+        """DiT's initialisation, and why:
+
+        * Linear layers: Xavier-uniform, zero bias: unit-variance activations at init.
+        * Patch embedding: Xavier on the conv viewed as a linear map of the flattened patch.
+        * Label table and timestep MLP: N(0, 0.02), the usual embedding scale.
+        * adaLN modulation of every block, and the final layer: zero. All residual
+          gates start at 0, so each block is the identity (adaLN-Zero) and the
+          network starts by predicting 0; this is what made DiT train stably.
+        """
+        for module in self.modules():
+            if isinstance(module, nn.Linear):
+                nn.init.xavier_uniform_(module.weight)
+                nn.init.zeros_(module.bias)
+        w = self.x_embedder.proj.weight
+        nn.init.xavier_uniform_(w.view(w.shape[0], -1))
+        nn.init.zeros_(self.x_embedder.proj.bias)
+        nn.init.normal_(self.y_embedder.table.weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[0].weight, std=0.02)
+        nn.init.normal_(self.t_embedder.mlp[2].weight, std=0.02)
+        for block in self.blocks:
+            nn.init.zeros_(block.adaLN_modulation[-1].weight)
+            nn.init.zeros_(block.adaLN_modulation[-1].bias)
+        for layer in (self.final_layer.adaLN_modulation[-1], self.final_layer.linear):
+            nn.init.zeros_(layer.weight)
+            nn.init.zeros_(layer.bias)
+
+    def unpatchify(self, x: torch.Tensor) -> torch.Tensor:
+        """(B, N, p·p·C) -> (B, C, H, W), inverting ``PatchEmbed``'s row-major token order."""
+        p, C = self.config.patch_size, self.config.in_channels
+        h = w = self.config.input_size // p
+        x = x.reshape(x.shape[0], h, w, p, p, C)
+        return torch.einsum("bhwpqc->bchpwq", x).reshape(x.shape[0], C, h * p, w * p)
+
+    def forward(
+        self,
+        x: torch.Tensor,
+        t: torch.Tensor | float,
+        y: torch.Tensor,
+        sparsity: float | Sequence[float] | None = None,
+        generator: Generators = None,
+    ) -> torch.Tensor:
+        """Velocity prediction.
+
+        ``sparsity``: γ for every route, or one per route; ``None`` means γ_train
+        in training mode and dense in eval mode. ``generator``: one
+        ``torch.Generator`` for the batch or one per image, for reproducible masks.
+        """
+        B = x.shape[0]
+        t = torch.as_tensor(t, device=x.device).expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
+        gammas = resolve_sparsity(self.routes, sparsity, self.training)
+        N = self.config.num_tokens
+        # Routes that drop at least one token; γ=0 leaves the dense path untouched.
+        active = {r.start: (r, kept_tokens(N, g)) for r, g in zip(self.routes, gammas, strict=True)}
+        active = {s: (r, k) for s, (r, k) in active.items() if k < N}
+
+        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        full = idx = None
+        for i, block in enumerate(self.blocks):
+            if i in active:
+                r, keep = active[i]
+                idx = select_tokens(B, N, keep, generator, device=x.device)  # (B, K)
+                full, x = x, route(x, idx)  # (B, K, D)
+            x = block(x, c)
+            if full is not None and i == r.end:
+                x, full = unroute(full, x, idx), None  # (B, N, D)
+        x = self.final_layer(x, c)  # (B, N, p·p·C)
+        return self.unpatchify(x)
+
+
+def build_model(name: str, **kwargs) -> DiT:
+    """``build_model("SiT-XL/2", input_size=32, in_channels=4, num_classes=1000)``;
+    keyword arguments as in ``DiTConfig.from_name``."""
+    return DiT(DiTConfig.from_name(name, **kwargs))

@@ -1,0 +1,142 @@
+"""TREAD token routing: select, route, unroute.
+
+TREAD (arXiv 2501.04765) trains a transformer on all tokens but lets a random
+fraction γ of them *skip* a contiguous span of blocks: before the span the
+kept tokens are gathered, the span runs on them alone, and after the span they
+are scattered back among the skipped tokens, which re-enter unchanged (the
+positional embedding was added before block 0 and travels with every token).
+There are no learned parameters and no mask token, so the same weights run at
+any γ at inference; Sparse Guidance exploits exactly that.
+
+Conventions (see DESIGN.md):
+  * a route spans blocks ``start..end`` *inclusive* (0-based);
+  * γ is the fraction of tokens that skip; an image keeps exactly
+    ``N - floor(N·γ)`` tokens, chosen uniformly at random, independently per image;
+  * γ = 0 (or any γ that keeps every token) runs the dense path untouched, so it
+    is bit-identical to a model without routes.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass
+
+import torch
+
+from sgexp.checks import check_sparsity, fail
+
+# A generator for the whole batch, or one per image. Per-image generators make a
+# sample's routing masks independent of which batch it was drawn in.
+Generators = torch.Generator | Sequence[torch.Generator] | None
+
+
+@dataclass(frozen=True)
+class Route:
+    """Blocks ``start..end`` (inclusive) see only a subset of the tokens.
+
+    ``sparsity`` is γ_train, the fraction of tokens that skip the span during
+    training (TREAD's default 0.5); inference picks its own γ per forward pass.
+    """
+
+    start: int
+    end: int
+    sparsity: float = 0.5
+
+    def __post_init__(self) -> None:
+        if isinstance(self.start, bool) or not isinstance(self.start, int) or self.start < 0:
+            raise fail("route.start", self.start, "must be an integer block index >= 0")
+        if isinstance(self.end, bool) or not isinstance(self.end, int) or self.end < self.start:
+            raise fail("route.end", self.end, f"must be an integer block index >= route.start={self.start}")
+        check_sparsity("route.sparsity", self.sparsity)
+
+    @property
+    def num_blocks(self) -> int:
+        return self.end - self.start + 1
+
+    @classmethod
+    def parse(cls, spec: str) -> Route:
+        """``"2:24"`` or ``"2:24@0.5"`` (start:end inclusive, optional γ_train)."""
+        span, _, gamma = spec.partition("@")
+        try:
+            start, end = (int(v) for v in span.split(":"))
+            train_gamma = float(gamma) if gamma else 0.5
+        except ValueError:
+            raise fail("route", spec, "expected 'start:end' or 'start:end@gamma', e.g. '2:24@0.5'") from None
+        return cls(start, end, train_gamma)
+
+
+def check_routes(routes: Sequence[Route], depth: int) -> tuple[Route, ...]:
+    """Routes sorted by start; each inside ``0..depth-1``; spans may not overlap."""
+    routes = tuple(sorted(routes, key=lambda r: r.start))
+    for route in routes:
+        if not isinstance(route, Route):
+            raise fail("routes", route, "each route must be a sgexp.models.routing.Route")
+        if route.end >= depth:
+            raise fail("routes", f"{route.start}:{route.end}", f"route blocks must lie in 0..{depth - 1} (depth={depth})")
+    for prev, nxt in zip(routes, routes[1:], strict=False):
+        if nxt.start <= prev.end:
+            raise fail(
+                "routes",
+                [f"{r.start}:{r.end}" for r in routes],
+                f"spans may not overlap ({prev.start}:{prev.end} and {nxt.start}:{nxt.end})",
+            )
+    return routes
+
+
+def kept_tokens(num_tokens: int, sparsity: float) -> int:
+    """Tokens an image keeps inside a route: ``N - floor(N·γ)``.
+
+    The small epsilon guards against products like 100·0.29 = 28.999999999999996
+    rounding down below the exact value.
+    """
+    return num_tokens - math.floor(num_tokens * sparsity + 1e-9)
+
+
+def resolve_sparsity(
+    routes: Sequence[Route], sparsity: float | Sequence[float] | None, training: bool
+) -> tuple[float, ...]:
+    """One γ per route. ``None`` means γ_train while training and dense (0) otherwise."""
+    if sparsity is None:
+        return tuple(r.sparsity if training else 0.0 for r in routes)
+    if isinstance(sparsity, (int, float)) and not isinstance(sparsity, bool):
+        return tuple(check_sparsity("sparsity", sparsity) for _ in routes)
+    values = tuple(sparsity)
+    if len(values) != len(routes):
+        raise fail("sparsity", sparsity, f"must be one number or one per route ({len(routes)} routes)")
+    return tuple(check_sparsity(f"sparsity[{i}]", v) for i, v in enumerate(values))
+
+
+def select_tokens(
+    batch: int, num_tokens: int, keep: int, generator: Generators = None, device: torch.device | None = None
+) -> torch.Tensor:
+    """Indices of the kept tokens, ``(batch, keep)``, sorted within each image.
+
+    Each image draws ``num_tokens`` uniform scores and keeps the ``keep``
+    smallest: a uniformly random subset of exact size. With a list of generators
+    image ``b`` draws its scores from ``generator[b]`` alone (on the CPU, so the
+    masks do not depend on the device either).
+    """
+    if generator is None or isinstance(generator, torch.Generator):
+        gen_device = generator.device if generator is not None else device
+        scores = torch.rand(batch, num_tokens, generator=generator, device=gen_device)
+    else:
+        if len(generator) != batch:
+            raise fail("generator", f"<{len(generator)} generators>", f"need one generator per image ({batch})")
+        scores = torch.stack([torch.rand(num_tokens, generator=g, device=g.device) for g in generator])
+    idx = scores.argsort(dim=1)[:, :keep]
+    return idx.sort(dim=1).values.to(device if device is not None else idx.device)
+
+
+def route(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Gather the kept tokens: ``(B, N, D), (B, K) -> (B, K, D)``."""
+    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+
+
+def unroute(x_full: torch.Tensor, x_kept: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
+    """Scatter the processed kept tokens back among the skipped ones.
+
+    ``x_full`` (B, N, D) holds every token as it was before the span; the
+    skipped tokens come back from it unchanged.
+    """
+    return torch.scatter(x_full, 1, idx.unsqueeze(-1).expand(-1, -1, x_full.shape[-1]), x_kept)
