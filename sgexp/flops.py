@@ -52,7 +52,9 @@ def pass_macs(config: DiTConfig, sparsity: float | Sequence[float] = 0.0, includ
     return float(macs)
 
 
-def gflops_per_pass(config: DiTConfig, sparsity: float | Sequence[float] = 0.0, include_attention: bool = False) -> float:
+def gflops_per_pass(
+    config: DiTConfig, sparsity: float | Sequence[float] = 0.0, include_attention: bool = False
+) -> float:
     return pass_macs(config, sparsity, include_attention) / 1e9
 
 
@@ -147,7 +149,11 @@ def _config(name: str, args: argparse.Namespace) -> DiTConfig:
     else:
         routes = tuple(Route.parse(r) for r in args.route)
     return DiTConfig.from_name(
-        name, input_size=args.image_size // factor, in_channels=args.channels, num_classes=args.num_classes, routes=routes
+        name,
+        input_size=args.image_size // factor,
+        in_channels=args.channels,
+        num_classes=args.num_classes,
+        routes=routes,
     )
 
 

@@ -47,8 +47,13 @@ def _block_inputs(model: DiT, *args, **kwargs) -> dict[str, torch.Tensor]:
     """Run a forward; record the tokens entering (key i) and leaving (key "out i") each block,
     and entering the final layer."""
     seen: dict[str, torch.Tensor] = {}
-    hooks = [b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i, b in enumerate(model.blocks)]
-    hooks += [b.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"out {i}", o)) for i, b in enumerate(model.blocks)]
+    hooks = [
+        b.register_forward_pre_hook(lambda m, a, i=i: seen.__setitem__(i, a[0])) for i, b in enumerate(model.blocks)
+    ]
+    hooks += [
+        b.register_forward_hook(lambda m, a, o, i=i: seen.__setitem__(f"out {i}", o))
+        for i, b in enumerate(model.blocks)
+    ]
     hooks.append(model.final_layer.register_forward_pre_hook(lambda m, a: seen.__setitem__("final", a[0])))
     model(*args, **kwargs)
     for h in hooks:

@@ -65,9 +65,7 @@ class TimestepEmbedder(nn.Module):
         super().__init__()
         self.frequency_size = frequency_size
         self.time_scale = time_scale
-        self.mlp = nn.Sequential(
-            nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size)
-        )
+        self.mlp = nn.Sequential(nn.Linear(frequency_size, hidden_size), nn.SiLU(), nn.Linear(hidden_size, hidden_size))
 
     def forward(self, t: torch.Tensor) -> torch.Tensor:
         half = self.frequency_size // 2

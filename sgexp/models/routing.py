@@ -73,7 +73,9 @@ def check_routes(routes: Sequence[Route], depth: int) -> tuple[Route, ...]:
         if not isinstance(route, Route):
             raise fail("routes", route, "each route must be a sgexp.models.routing.Route")
         if route.end >= depth:
-            raise fail("routes", f"{route.start}:{route.end}", f"route blocks must lie in 0..{depth - 1} (depth={depth})")
+            raise fail(
+                "routes", f"{route.start}:{route.end}", f"route blocks must lie in 0..{depth - 1} (depth={depth})"
+            )
     for prev, nxt in zip(routes, routes[1:], strict=False):
         if nxt.start <= prev.end:
             raise fail(

@@ -1,0 +1,184 @@
+"""Guidance rules: formulas on a real model, pass lists, schedules, bad input."""
+
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+from conftest import randomize, small_config
+
+from sgexp.diffusion import (
+    Constant,
+    Cosine,
+    Pass,
+    Sampler,
+    autoguidance,
+    build_guidance,
+    cfg,
+    cfg_sparse_guidance,
+    sparse_guidance,
+    unguided,
+)
+from sgexp.diffusion.guidance import as_schedule, evaluate
+from sgexp.models import DiT
+
+NULL = 5  # small_config has 5 classes
+
+
+@pytest.fixture
+def models():
+    return {
+        "main": randomize(DiT(small_config()), seed=0).eval(),
+        "weak": randomize(DiT(small_config()), seed=1).eval(),
+    }
+
+
+def gens(seed=0, n=4):
+    return [torch.Generator().manual_seed(seed + i) for i in range(n)]
+
+
+def D(models, x, t, y, model="main", label=True, gamma=0.0, generator=None):
+    """One direct network call, outside any guidance code."""
+    labels = y if label else torch.full_like(y, NULL)
+    return models[model](x, torch.full((x.shape[0],), t), labels, sparsity=gamma, generator=generator)
+
+
+@pytest.fixture
+def xy():
+    gen = torch.Generator().manual_seed(2)
+    return torch.randn(4, 3, 8, 8, generator=gen), torch.tensor([0, 1, 2, 3])
+
+
+@pytest.mark.parametrize(
+    "rule,weak,strong",
+    [
+        (cfg(3.0), dict(label=False), dict()),
+        (sparse_guidance(3.0, 0.25, 0.75), dict(gamma=0.75), dict(gamma=0.25)),
+        (cfg_sparse_guidance(3.0, 0.0, 0.5), dict(label=False, gamma=0.5), dict(gamma=0.0)),
+        (autoguidance(3.0), dict(model="weak"), dict()),
+        (autoguidance(3.0, 0.25, 0.5), dict(model="weak", gamma=0.5), dict(gamma=0.25)),
+    ],
+    ids=["cfg", "sg", "cfg_sg", "ag", "ag_sg"],
+)
+def test_rule_matches_its_formula(models, xy, rule, weak, strong):
+    x, y = xy
+    out = evaluate(rule, models, x, 0.6, y, step=0, num_steps=10, generator=gens())
+    # The rule runs weak then strong; replay the same generators in that order.
+    g = gens()
+    d_weak = D(models, x, 0.6, y, generator=g, **weak)
+    d_strong = D(models, x, 0.6, y, generator=g, **strong)
+    torch.testing.assert_close(out, d_weak + 3.0 * (d_strong - d_weak), rtol=0, atol=0)
+    assert not torch.allclose(out, d_strong, atol=1e-3)  # guidance really moved the prediction
+
+
+def test_sg_is_conditional_in_both_branches(models, xy):
+    passes = sparse_guidance(2.0, 0.5, 0.9).passes(0, 40, 0.5)
+    assert passes == [Pass("main", True, 0.9), Pass("main", True, 0.5)]
+    assert cfg_sparse_guidance(2.0, 0.0, 0.5).passes(0, 40, 0.5) == [Pass("main", False, 0.5), Pass("main", True, 0.0)]
+
+
+@pytest.mark.parametrize("rule", [cfg(1.0), sparse_guidance(1.0, 0.25, 0.75), autoguidance(1.0, 0.25, 0.5)])
+def test_scale_one_gives_the_strong_branch(models, xy, rule):
+    x, y = xy
+    assert len(rule.passes(0, 10, 0.5)) == 1
+    out = evaluate(rule, models, x, 0.5, y, 0, 10, generator=gens())
+    strong = rule.strong.at(0, 10)
+    expected = D(models, x, 0.5, y, model=strong.model, gamma=strong.sparsity, generator=gens())
+    assert torch.equal(out, expected)
+
+
+def test_unguided_is_one_conditional_pass(models, xy):
+    x, y = xy
+    assert unguided().passes(3, 10, 0.2) == [Pass("main", True, 0.0)]
+    torch.testing.assert_close(evaluate(unguided(), models, x, 0.2, y, 3, 10), D(models, x, 0.2, y), rtol=0, atol=0)
+
+
+class Recorder(torch.nn.Module):
+    """Wraps a model and records every call as a Pass."""
+
+    def __init__(self, name, model, log):
+        super().__init__()
+        self.name, self.model, self.log = name, model, log
+        self.null_label = model.null_label
+
+    def forward(self, x, t, y, sparsity=None, generator=None):
+        conditional = bool((y != self.null_label).all())
+        assert conditional or bool((y == self.null_label).all())
+        self.log.append(Pass(self.name, conditional, sparsity))
+        return self.model(x, t, y, sparsity=sparsity, generator=generator)
+
+
+@pytest.mark.parametrize("solver", ["euler", "heun"])
+@pytest.mark.parametrize(
+    "rule",
+    [
+        cfg(2.0, interval=(0.2, 0.7)),
+        sparse_guidance(4.0, "cosine:0:0.5", "cosine:0.75:0.25"),
+        autoguidance(2.0, "cosine:0:0.6", "cosine:0.6:0"),
+        cfg_sparse_guidance(1.5, 0.0, 0.5, interval=(0.0, 0.5)),
+    ],
+    ids=["cfg_interval", "sg_cosine", "ag_sg", "cfg_sg_interval"],
+)
+def test_pass_lists_match_what_is_called(models, xy, rule, solver):
+    log: list[Pass] = []
+    wrapped = {name: Recorder(name, m, log) for name, m in models.items()}
+    sampler = Sampler(solver, 6)
+    x, y = xy
+    sampler.sample(rule, wrapped, x, y, generator=gens())
+    expected = [p for step, t in sampler.evaluation_points() for p in rule.passes(step, sampler.num_steps, t)]
+    assert log == expected
+    # The schedule or the interval really varied the passes between evaluations.
+    per_evaluation = [tuple(rule.passes(step, sampler.num_steps, t)) for step, t in sampler.evaluation_points()]
+    assert len(set(per_evaluation)) > 1
+
+
+def test_interval_runs_one_pass_outside():
+    rule = cfg(2.0, interval=(0.2, 0.7))
+    assert len(rule.passes(0, 10, 0.9)) == 1
+    assert len(rule.passes(5, 10, 0.5)) == 2
+    assert len(rule.passes(9, 10, 0.1)) == 1
+
+
+def test_schedules():
+    cos = Cosine(0.6, 0.0)
+    values = [cos(i, 40) for i in range(40)]
+    assert values[0] == pytest.approx(0.6) and values[-1] == pytest.approx(0.0)
+    assert all(a >= b for a, b in zip(values, values[1:], strict=False))
+    assert values[20] == pytest.approx(0.3 * (1 + math.cos(math.pi * 20 / 39)))
+    assert Constant(0.3)(7, 40) == 0.3
+    assert as_schedule("cosine:0:0.6") == Cosine(0.0, 0.6)
+    assert as_schedule(0.5) == Constant(0.5)
+
+
+@pytest.mark.parametrize(
+    "make,match",
+    [
+        (lambda: cfg(0.5), r"guidance.scale=0.5 is invalid: guidance scale must be >= 1"),
+        (lambda: sparse_guidance(2.0, 0.9, 0.5), r"gamma_strong=0.9 is invalid: .*gamma_strong < gamma_weak"),
+        (lambda: sparse_guidance(2.0, 0.5, 0.5), r"gamma_strong=0.5 is invalid"),
+        (lambda: sparse_guidance(2.0, 0.5, 1.0), r"gamma_weak=1.0 is invalid: sparsity must be in \[0, 1\)"),
+        (lambda: sparse_guidance(2.0, "cosine:0:1.2", 0.5), r"sparsity.end=1.2 is invalid"),
+        (
+            lambda: sparse_guidance(2.0, "cosine:0", 0.5),
+            r"gamma_strong='cosine:0' is invalid: expected 'cosine:START:END'",
+        ),
+        (lambda: cfg(2.0, interval=(0.8, 0.2)), r"guidance.interval=\(0.8, 0.2\) is invalid"),
+        (lambda: build_guidance("pag", 2.0), r"guidance='pag' is invalid: must be one of"),
+        (lambda: build_guidance("cfg", 2.0, 0.5, 0.9), r"guidance='cfg' is invalid: .*use 'cfg_sg'"),
+    ],
+)
+def test_bad_guidance_input(make, match):
+    with pytest.raises(ValueError, match=match):
+        make()
+
+
+def test_crossing_cosine_schedules_are_allowed():
+    rule = sparse_guidance(2.0, "cosine:0:0.6", "cosine:0.6:0")
+    assert rule.passes(39, 40, 0.0)[0].sparsity == pytest.approx(0.0)
+
+
+def test_missing_weak_model_fails_before_sampling(models, xy):
+    x, y = xy
+    with pytest.raises(ValueError, match=r"models=\['main'\] is invalid: guidance 'ag' needs models"):
+        Sampler("euler", 2).sample(autoguidance(2.0), {"main": models["main"]}, x, y)
