@@ -6,7 +6,11 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sgexp-installed
 
-.PHONY: install test test-slow lint flops clean
+.PHONY: install train ui test test-slow lint flops clean
+
+# make train [EXP=mnist_dense] [resume=RUN_DIR_OR_CKPT] [ARGS="trainer.max_steps=500 ..."]
+EXP    ?= mnist_tread
+TRAIN_ARGS = experiment=$(EXP) $(if $(resume),resume=$(resume)) $(ARGS)
 
 install: $(STAMP)
 
@@ -15,6 +19,9 @@ $(STAMP): pyproject.toml constraints.txt
 	$(PY) -m pip install --quiet --upgrade pip
 	$(PY) -m pip install --quiet -c constraints.txt -e '.[dev]'
 	touch $(STAMP)
+
+train: $(STAMP)
+	$(PY) -m sgexp.train $(TRAIN_ARGS)
 
 test: $(STAMP)
 	$(PY) -m pytest -q

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import re
 from collections.abc import Sequence
-from dataclasses import dataclass, field
+from dataclasses import asdict, dataclass, field
 
 import torch
 from torch import nn
@@ -130,6 +130,14 @@ class DiTConfig:
             routes=tuple(routes),
             **overrides,
         )
+
+    def to_dict(self) -> dict:
+        """Plain types only (checkpoints, MLflow params); inverse of ``from_dict``."""
+        return {**asdict(self), "routes": [asdict(r) for r in self.routes]}
+
+    @classmethod
+    def from_dict(cls, values: dict) -> DiTConfig:
+        return cls(**{**values, "routes": tuple(Route(**r) for r in values.get("routes", ()))})
 
     @property
     def num_tokens(self) -> int:

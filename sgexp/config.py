@@ -1,0 +1,139 @@
+"""Typed schemas of the Hydra configs (``configs/``).
+
+The YAML files under ``configs/`` are merged into these dataclasses, so a typo
+(``optim.lrr``) or a wrong type (``trainer.max_steps: many``) fails when the
+config is composed, naming the key, before anything is built. Experiment files
+(``configs/experiment/*.yaml``) are the unit of reproducibility: one file pins
+every choice of a run.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any
+
+from hydra.core.config_store import ConfigStore
+
+
+@dataclass
+class ModelConfig:
+    name: str = "SiT-Tiny/4"  # registry name, see sgexp.models.dit.MODEL_SIZES
+    class_dropout_prob: float = 0.1  # label dropout (CFG training); null label = num_classes
+    mlp_ratio: float = 4.0
+
+
+@dataclass
+class RoutingConfig:
+    # "default": the size's TREAD route; "start:end" (inclusive) otherwise; [] trains dense.
+    spans: list[str] = field(default_factory=lambda: ["default"])
+    sparsity: float = 0.5  # γ_train: fraction of tokens that skip each route
+
+
+@dataclass
+class DataConfig:
+    name: str = "mnist5k"  # a prepared dataset under root (meta.json)
+    root: str = "${paths.data_dir}"
+    batch_size: int = 128  # per device
+    val_batch_size: int | None = None
+    num_workers: int = 1
+    hflip: bool = False
+    strict: bool = False  # fail on a corrupted shard instead of skipping bad samples
+    prepare: bool = True  # prepare embedded datasets (mnist5k, digits) when missing
+
+
+@dataclass
+class OptimConfig:
+    lr: float = 1e-4
+    betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
+    weight_decay: float = 0.0
+    warmup_steps: int = 0
+    grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
+    ema_decay: float = 0.9999
+    ema_warmup: bool = True
+    t_mean: float = 0.0  # logit-normal timestep distribution
+    t_std: float = 1.0
+    compile: bool = False
+
+
+@dataclass
+class TrainerConfig:
+    accelerator: str = "auto"
+    devices: Any = "auto"
+    num_nodes: int = 1
+    strategy: str = "auto"
+    precision: str = "auto"  # auto: bf16-mixed on GPU, 32-true on CPU
+    max_steps: int = 1000
+    max_time: str | None = None  # wall-clock limit "DD:HH:MM:SS"; step times drift on shared machines
+    log_every_n_steps: int = 50
+    val_every_n_steps: int = 500
+    limit_val_batches: float = 1.0
+    accumulate_grad_batches: int = 1
+    progress: str = "rich"  # rich | none
+
+
+@dataclass
+class LoggerConfig:
+    enabled: bool = True
+    tracking_uri: str | None = None  # default sqlite:///<root>/runs/mlflow.db, or MLFLOW_TRACKING_URI
+    experiment: str = "sgexp"
+    run_name: str | None = None
+
+
+@dataclass
+class CheckpointConfig:
+    every_n_steps: int = 1000  # kept: step-<N>.ckpt
+    last_every_n_steps: int = 100  # last.ckpt, overwritten: what resume uses
+
+
+@dataclass
+class GuidanceSetting:
+    name: str = "cfg"
+    rule: str = "cfg"
+    scale: float = 1.5
+    gamma_strong: str = "0"  # a number or "cosine:START:END"
+    gamma_weak: str = "0"
+
+
+@dataclass
+class SampleGridConfig:
+    every_n_steps: int = 0  # 0: only at the end of training
+    per_class: int = 10
+    num_steps: int = 40
+    seed: int = 0
+    settings: list[GuidanceSetting] = field(default_factory=lambda: [GuidanceSetting()])
+
+
+@dataclass
+class CallbacksConfig:
+    checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
+    sample_grid: SampleGridConfig = field(default_factory=SampleGridConfig)
+    monitor_every_n_steps: int = 50
+
+
+@dataclass
+class PathsConfig:
+    root: str = "."  # the repository (resolved to an absolute path at start)
+    data_dir: str = "${paths.root}/data/shards"
+    runs_dir: str = "${paths.root}/runs"
+    run_dir: str | None = None  # default: <runs_dir>/<experiment>/<timestamp>
+
+
+@dataclass
+class TrainConfig:
+    experiment: str = "mnist_tread"
+    seed: int = 0
+    resume: str | None = None  # a checkpoint or a run directory (uses its checkpoints/last.ckpt)
+    model: ModelConfig = field(default_factory=ModelConfig)
+    routing: RoutingConfig = field(default_factory=RoutingConfig)
+    data: DataConfig = field(default_factory=DataConfig)
+    optim: OptimConfig = field(default_factory=OptimConfig)
+    trainer: TrainerConfig = field(default_factory=TrainerConfig)
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_configs(store: ConfigStore | None = None) -> None:
+    """Register the schemas; ``configs/train.yaml`` lists ``train_schema`` first in its defaults."""
+    store = store or ConfigStore.instance()
+    store.store(name="train_schema", node=TrainConfig)
