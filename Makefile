@@ -23,6 +23,14 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m sgexp.train $(TRAIN_ARGS)
 
+# MLflow UI on the default local store: runs/mlflow.db, artifacts in runs/mlartifacts.
+# One worker and no job runner (~0.5 GB, 2 processes; the default starts ~15 processes, ~3 GB).
+UI_PORT ?= 5000
+ui: $(STAMP)
+	mkdir -p runs
+	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --host 127.0.0.1 --port $(UI_PORT) --workers 1 \
+		--backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --artifacts-destination $(CURDIR)/runs/mlartifacts
+
 test: $(STAMP)
 	$(PY) -m pytest -q
 

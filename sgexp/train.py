@@ -159,6 +159,7 @@ def run(cfg: DictConfig) -> TrainResult:
         t_mean=o.t_mean,
         t_std=o.t_std,
         compile=o.compile,
+        seed=cfg.seed,
     )
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -187,12 +188,19 @@ def run(cfg: DictConfig) -> TrainResult:
     )
     checkpoints = [
         L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, filename="step-{step:07d}", auto_insert_metric_name=False,
-            every_n_train_steps=c.checkpoint.every_n_steps, save_top_k=-1, save_last=False,
+            dirpath=ckpt_dir,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=c.checkpoint.every_n_steps,
+            save_top_k=-1,
+            save_last=False,
         ),
         L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir, filename="last", every_n_train_steps=c.checkpoint.last_every_n_steps,
-            save_top_k=1, enable_version_counter=False,
+            dirpath=ckpt_dir,
+            filename="last",
+            every_n_train_steps=c.checkpoint.last_every_n_steps,
+            save_top_k=1,
+            enable_version_counter=False,
         ),
         FinalCheckpoint(ckpt_dir),
     ]
@@ -229,6 +237,8 @@ def _print_summary(result: TrainResult) -> None:
 def main() -> None:
     register_configs()
     warnings.filterwarnings("ignore", message=".*srun.*")  # on SLURM login nodes Lightning warns about srun
+    # The EMA copy is in eval mode on purpose (no label dropout, dense by default).
+    warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
     def _main(cfg: DictConfig) -> None:

@@ -68,9 +68,14 @@ class FlowMatching:
         generator: torch.Generator | None = None,
         **model_kwargs,
     ) -> torch.Tensor:
-        """Mean squared velocity error of ``model(x_t, t, labels, **model_kwargs)``."""
+        """Mean squared velocity error of ``model(x_t, t, labels, generator=generator, **model_kwargs)``.
+
+        ``generator`` drives every random draw of the step (t, ε, and, through the
+        model, routing masks and label dropout), so a step is a pure function of
+        the weights, the batch and the generator's seed.
+        """
         t = logit_normal_timesteps(x0.shape[0], self.t_mean, self.t_std, generator, x0.device)
         noise = torch.randn(x0.shape, generator=generator, device=x0.device, dtype=x0.dtype)
         x_t = interpolate(x0, noise, t)
-        v = model(x_t, t, labels, **model_kwargs)
+        v = model(x_t, t, labels, generator=generator, **model_kwargs)
         return torch.mean((v.float() - velocity_target(x0, noise).float()) ** 2)

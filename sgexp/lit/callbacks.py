@@ -113,8 +113,14 @@ class SampleGrid(L.Callback):
         paths = []
         for name, rule in self.rules.items():
             samples, _ = generate(
-                self.sampler, rule, {"main": pl_module.ema.model}, indices, shape, config.num_classes,
-                base_seed=self.seed, device=pl_module.device,
+                self.sampler,
+                rule,
+                {"main": pl_module.ema.model},
+                indices,
+                shape,
+                config.num_classes,
+                base_seed=self.seed,
+                device=pl_module.device,
             )
             path = self.out_dir / f"{name}_step{trainer.global_step:07d}.png"
             path.parent.mkdir(parents=True, exist_ok=True)

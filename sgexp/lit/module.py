@@ -15,6 +15,7 @@ import torch
 
 from sgexp.checks import fail
 from sgexp.diffusion.flow import FlowMatching
+from sgexp.diffusion.seeds import index_seed
 from sgexp.lit.ema import EMA
 from sgexp.models.dit import DiT, DiTConfig
 
@@ -45,6 +46,7 @@ class FlowMatchingModule(L.LightningModule):
         t_mean: float = 0.0,
         t_std: float = 1.0,
         compile: bool = False,
+        seed: int = 0,
     ):
         super().__init__()
         if not lr > 0:
@@ -61,9 +63,19 @@ class FlowMatchingModule(L.LightningModule):
         if compile:
             self.model.compile()  # in place: state_dict keys are unchanged
 
+    def step_generator(self, batch_idx: int) -> torch.Generator:
+        """All randomness of a training step (t, ε, routing masks, label dropout) comes from a
+        generator seeded by (seed, global step, rank, micro-batch): a resumed run replays
+        exactly the steps an uninterrupted run would have taken, without saving RNG state."""
+        micro = batch_idx % self.trainer.accumulate_grad_batches
+        stream = (1 + self.global_rank) * 1000 + micro
+        seed = index_seed(self.hparams.seed, self.global_step, stream)
+        return torch.Generator(device=self.device).manual_seed(seed)
+
     def training_step(self, batch: tuple[torch.Tensor, torch.Tensor], batch_idx: int) -> torch.Tensor:
         images, labels = batch  # (B, C, H, W) in [-1, 1], (B,)
-        loss = self.objective.loss(self.model, images, labels)  # train mode: routed at γ_train, labels dropped
+        # Train mode: routed at γ_train, labels dropped with class_dropout_prob.
+        loss = self.objective.loss(self.model, images, labels, generator=self.step_generator(batch_idx))
         finite = bool(torch.isfinite(loss))
         # Every rank must stop together, or the others would hang in the next all-reduce.
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
@@ -85,7 +97,15 @@ class FlowMatchingModule(L.LightningModule):
     def on_before_optimizer_step(self, optimizer: torch.optim.Optimizer) -> None:
         # Before clipping: the norm that tells whether clipping is active.
         grads = [p.grad for p in self.model.parameters() if p.grad is not None]
-        self.log("train/grad_norm", torch.nn.utils.get_total_norm(grads))
+        grad_norm = torch.nn.utils.get_total_norm(grads)
+        # Gradients are already all-reduced, so every rank takes the same decision. Stopping
+        # here, before the update, keeps the weights (and the last checkpoint) finite.
+        if not torch.isfinite(grad_norm):
+            raise NonFiniteLossError(
+                f"non-finite gradient norm ({grad_norm.item()}) at step {self.global_step}; stopping "
+                "before the update. The last checkpoint on disk is the last good one."
+            )
+        self.log("train/grad_norm", grad_norm)
         self.log("train/lr", optimizer.param_groups[0]["lr"])
 
     def optimizer_step(self, *args, **kwargs) -> None:

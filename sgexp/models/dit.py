@@ -228,7 +228,8 @@ class DiT(nn.Module):
 
         ``sparsity``: γ for every route, or one per route; ``None`` means γ_train
         in training mode and dense in eval mode. ``generator``: one
-        ``torch.Generator`` for the batch or one per image, for reproducible masks.
+        ``torch.Generator`` for the batch or one per image, for reproducible
+        routing masks (and label dropout in training mode).
         """
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
@@ -239,7 +240,7 @@ class DiT(nn.Module):
         active = {s: (r, k) for s, (r, k) in active.items() if k < N}
 
         x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y)  # (B, D)
+        c = self.t_embedder(t) + self.y_embedder(y, generator)  # (B, D)
         full = idx = None
         for i, block in enumerate(self.blocks):
             if i in active:

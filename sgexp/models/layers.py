@@ -94,9 +94,15 @@ class LabelEmbedder(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
-    def forward(self, labels: torch.Tensor) -> torch.Tensor:
+    def forward(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        """labels (B,) -> (B, D). ``generator``: one for the batch or one per image (dropout draws)."""
         if self.training and self.dropout_prob > 0:
-            drop = torch.rand(labels.shape, device=labels.device) < self.dropout_prob
+            if generator is None or isinstance(generator, torch.Generator):
+                device = generator.device if generator is not None else labels.device
+                u = torch.rand(labels.shape, generator=generator, device=device)
+            else:
+                u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
+            drop = u.to(labels.device) < self.dropout_prob
             labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
         return self.table(labels)
 

@@ -1,0 +1,132 @@
+"""LightningDataModule over prepared shards: resumable training stream, single-pass validation."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import lightning as L
+import torch
+from torch.utils.data import DataLoader
+
+from sgexp.checks import check_positive_int, fail
+from sgexp.data.shards import BadSamples, TrainStream, eval_dataset, read_meta, shard_urls
+
+
+class ShardDataModule(L.LightningDataModule):
+    """Batches ``(images float32 (B, C, R, R) in [-1, 1], labels int64 (B,))`` from ``root``.
+
+    ``root`` is a prepared dataset directory (with meta.json). Training is an
+    endless resampled stream, or ``max_steps * accumulate_grad_batches`` batches
+    per rank when ``max_steps`` is given (None or -1: endless), and resumes
+    where the checkpoint stopped: ``train_dataloader()`` starts at batch
+    ``global_step * accumulate_grad_batches`` of the attached trainer (Lightning
+    restores the checkpoint before asking for the loader), or at ``set_start_batch(k)``.
+    Resuming needs the same seed, batch size, world size and ``num_workers``.
+
+    Bad samples and truncated shards are skipped, counted (``bad_samples``) and
+    logged; with ``strict=True`` they raise ``ShardError`` naming the shard.
+    """
+
+    def __init__(
+        self,
+        root: str,
+        batch_size: int,
+        num_workers: int = 2,
+        val_batch_size: int | None = None,
+        hflip: bool = False,
+        strict: bool = False,
+        seed: int = 0,
+        shuffle_buffer: int = 1000,
+        max_steps: int | None = None,
+    ):
+        super().__init__()
+        check_positive_int("batch_size", batch_size)
+        if isinstance(num_workers, bool) or not isinstance(num_workers, int) or num_workers < 0:
+            raise fail("num_workers", num_workers, "must be an integer >= 0 (0 loads in the main process)")
+        if val_batch_size is not None:
+            check_positive_int("val_batch_size", val_batch_size)
+        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
+            raise fail("shuffle_buffer", shuffle_buffer, "must be an integer >= 0 (samples held for shuffling)")
+        if max_steps == -1:  # Lightning's spelling of "no limit"
+            max_steps = None
+        if max_steps is not None:
+            check_positive_int("max_steps", max_steps)
+        if isinstance(seed, bool) or not isinstance(seed, int):
+            raise fail("seed", seed, "must be an integer")
+        self.root = Path(root)
+        self.meta = read_meta(self.root)
+        self.num_classes: int = self.meta["num_classes"]
+        self.channels: int = self.meta["channels"]
+        self.resolution: int = self.meta["resolution"]
+        self.batch_size, self.num_workers = batch_size, num_workers
+        self.val_batch_size = val_batch_size or batch_size
+        self.hflip, self.strict, self.seed = hflip, strict, seed
+        self.shuffle_buffer, self.max_steps = shuffle_buffer, max_steps
+        self._start_batch: int | None = None
+        # one counter per split, shared with the loader workers; survives loader rebuilds
+        self._bad = {"train": BadSamples(strict), "val": BadSamples(strict)}
+
+    # -- position and topology ------------------------------------------------
+
+    def set_start_batch(self, batch: int | None) -> None:
+        """Start the next training loader at global batch ``batch`` (None: follow the trainer)."""
+        if batch is not None and (isinstance(batch, bool) or not isinstance(batch, int) or batch < 0):
+            raise fail("batch", batch, "must be an integer >= 0 or None")
+        self._start_batch = batch
+
+    @property
+    def start_batch(self) -> int:
+        if self._start_batch is not None:
+            return self._start_batch
+        if self.trainer is not None:
+            return self.trainer.global_step * self.trainer.accumulate_grad_batches
+        return 0
+
+    def _topology(self) -> tuple[int, int]:
+        """(rank, world size), taken in the main process and handed to the workers explicitly."""
+        if self.trainer is not None:
+            return self.trainer.global_rank, self.trainer.world_size
+        if torch.distributed.is_available() and torch.distributed.is_initialized():
+            return torch.distributed.get_rank(), torch.distributed.get_world_size()
+        return 0, 1
+
+    @property
+    def bad_samples(self) -> dict[str, int]:
+        """Bad samples skipped so far, per split, counted over all loader workers."""
+        return {split: bad.count for split, bad in self._bad.items()}
+
+    # -- loaders --------------------------------------------------------------
+
+    def _loader(self, dataset: torch.utils.data.IterableDataset) -> DataLoader:
+        # Batches are built inside the workers (batch_size=None); PyTorch returns the
+        # workers' batches round-robin, in order, which the resume logic relies on.
+        return DataLoader(
+            dataset,
+            batch_size=None,
+            num_workers=self.num_workers,
+            pin_memory=torch.cuda.is_available(),
+            persistent_workers=False,
+        )
+
+    def train_dataloader(self) -> DataLoader:
+        rank, _ = self._topology()
+        accumulate = self.trainer.accumulate_grad_batches if self.trainer is not None else 1
+        dataset = TrainStream(
+            shard_urls(self.root, self.meta, "train"),
+            self.meta,
+            self.batch_size,
+            self._bad["train"],
+            seed=self.seed,
+            rank=rank,
+            start_batch=self.start_batch,
+            total_batches=None if self.max_steps is None else self.max_steps * accumulate,
+            shuffle_buffer=self.shuffle_buffer,
+            hflip=self.hflip,
+        )
+        return self._loader(dataset)
+
+    def val_dataloader(self) -> DataLoader:
+        rank, world_size = self._topology()
+        urls = shard_urls(self.root, self.meta, "val")
+        dataset = eval_dataset(urls, self.meta, self.val_batch_size, self._bad["val"], rank, world_size)
+        return self._loader(dataset)

@@ -1,0 +1,347 @@
+"""Reading shards: a resumable training stream, a single-pass split reader, bad-sample accounting.
+
+Training stream (per rank r, DataLoader worker role w of W):
+
+    shards drawn with replacement from RNG(seed, r, w)  ->  tar samples  ->  field check
+      ->  shuffle buffer RNG(seed, r, w)  ->  flip bit RNG(seed, r, w)  ->  batches of raw bytes
+      ->  skip the batches already trained on  ->  PNG decode  ->  (images in [-1, 1], labels)
+
+Global batch j of a rank comes from role j % W (PyTorch hands out worker batches
+round-robin), so the stream is a pure function of (seed, rank, W, batch size)
+and a resumed run at batch k yields exactly batches k, k+1, ... of a fresh run.
+Everything random happens before the skip, and decoding after it, so resuming
+costs reading tar bytes, not decoding images.
+
+Evaluation reads each split once, in shard order, shards split over ranks then
+workers, so no sample is read twice.
+"""
+
+from __future__ import annotations
+
+import io
+import json
+import logging
+import multiprocessing
+import random
+import re
+from collections.abc import Iterable, Iterator
+from functools import partial
+from itertools import islice
+from pathlib import Path
+
+import numpy as np
+import torch
+import webdataset as wds
+from PIL import Image
+from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
+
+from sgexp.checks import check_choice
+from sgexp.data.prepare import BUILTIN
+
+log = logging.getLogger(__name__)
+
+
+class ShardError(RuntimeError):
+    """Bad data in a shard, raised in strict mode; the message names the shard file."""
+
+    def __init__(self, message: str):
+        super().__init__(message)
+        self.message = message
+
+    def __str__(self) -> str:
+        # webdataset appends (stream, url) to exn.args while the error travels up its
+        # generators; keep the message readable regardless.
+        return self.message
+
+
+class BadSamples:
+    """Counts bad samples across DataLoader workers, and skips them (default) or raises (strict).
+
+    Also a webdataset ``handler=``: called with an exception, returns True to skip
+    it. The counter lives in shared memory so that the main process reads what its
+    workers counted (it must reach them at worker start, as DataLoader does).
+    """
+
+    def __init__(self, strict: bool = False, max_warnings: int = 5):
+        self.strict = strict
+        self.max_warnings = max_warnings
+        # a spawn-context lock can be handed to fork, spawn and forkserver workers alike
+        self._count = multiprocessing.get_context("spawn").Value("q", 0)
+
+    @property
+    def count(self) -> int:
+        return self._count.value
+
+    def __call__(self, exn: Exception) -> bool:
+        if isinstance(exn, ShardError):  # already judged deeper in the pipeline
+            raise exn
+        self.report(shard_of(exn), f"{type(exn).__name__}: {exn.args[0] if exn.args else ''}")
+        return True
+
+    def report(self, shard: str, what: str) -> None:
+        if self.strict:
+            raise ShardError(f"bad data in shard {shard}: {what}")
+        with self._count.get_lock():
+            self._count.value += 1
+            n = self._count.value
+        if n <= self.max_warnings:
+            more = " (further bad samples are counted, not logged)" if n == self.max_warnings else ""
+            log.warning("skipping bad data in shard %s: %s%s", shard, what, more)
+
+
+def shard_of(exn: Exception) -> str:
+    """The shard a webdataset exception is about: it appends the url (or the open file) to ``args``."""
+    for arg in reversed(exn.args):
+        found = re.search(r"[^\s'\"<>()]+\.tar\b", str(arg))
+        if found:
+            return found.group(0)
+    return "<unknown shard>"
+
+
+# ----------------------------------------------------------------------------- metadata
+
+
+def read_meta(root: str | Path) -> dict:
+    """meta.json of a prepared dataset directory; a missing one says how to make it."""
+    path = Path(root) / "meta.json"
+    if not path.exists():
+        name = Path(root).name if Path(root).name in BUILTIN else "<name>"
+        raise FileNotFoundError(
+            f"{path} does not exist: run `python -m sgexp.data prepare {name}` first"
+            " (mnist5k, digits, or folder PATH --resolution R); shards without meta.json"
+            " are left by an interrupted prepare, run it again"
+        )
+    return json.loads(path.read_text())
+
+
+def shard_urls(root: str | Path, meta: dict, split: str) -> list[str]:
+    return [str(Path(root).resolve() / name) for name in meta[f"{split}_shards"]]
+
+
+# ----------------------------------------------------------------------------- pipeline stages
+
+
+def _whole_shards(files: Iterable[dict], expected: dict[str, int], bad: BadSamples) -> Iterator[dict]:
+    """Pass tar members through, reporting shards that end early *without* an error.
+
+    tarfile stops silently at a truncation on a header boundary (a copy cut at a
+    4 KiB block often is) and at a damaged header; meta.json knows how many
+    samples each shard holds. Errors raised mid-shard reach ``bad`` directly.
+    """
+    url, samples, last_key = None, 0, None
+    for file in files:
+        if file == {}:  # webdataset's end-of-shard marker: tarfile finished the shard cleanly
+            want = expected.get(Path(url).name) if url else None
+            if want is not None and samples != want:
+                bad.report(url, f"ends after {samples} of {want} samples (truncated or damaged tar)")
+            url, samples, last_key = None, 0, None
+        else:
+            if file["__url__"] != url:  # the previous shard ended in an error, already reported
+                url, samples, last_key = file["__url__"], 0, None
+            key = base_plus_ext(file["fname"])[0]
+            if key != last_key:
+                samples, last_key = samples + 1, key
+        yield file
+
+
+def _tar_samples(meta: dict, bad: BadSamples) -> list:
+    """``wds.tarfile_to_samples`` (open, expand, group by key) with the completeness check inside."""
+    return [
+        partial(url_opener, handler=bad),
+        partial(tar_file_expander, handler=bad),
+        partial(_whole_shards, expected=meta.get("shard_samples", {}), bad=bad),
+        partial(group_by_keys, handler=bad),
+    ]
+
+
+def _resampled_shards(urls: list[str], rng: random.Random, progress: dict, patience: int) -> Iterator[dict]:
+    """Shards drawn with replacement, endlessly, until ``patience`` draws in a row add no sample.
+
+    ``progress["samples"]`` is advanced by ``_checked`` downstream; without the
+    guard, a dataset whose shards are all unreadable would spin forever in silence.
+    """
+    seen, idle = -1, 0
+    while True:
+        idle = 0 if progress["samples"] != seen else idle + 1
+        seen = progress["samples"]
+        if idle > patience:
+            raise ShardError(
+                f"no readable sample in the last {patience} shards drawn from {len(urls)} shards"
+                f" ({Path(urls[0]).parent}): the shards are damaged, rerun prepare with --force"
+            )
+        yield {"url": rng.choice(urls)}
+
+
+def _checked(
+    samples: Iterable[dict], num_classes: int, bad: BadSamples, progress: dict | None = None
+) -> Iterator[dict]:
+    """Keep samples with a PNG and a valid label. Cheap (no decoding), so it runs before any skip."""
+    for sample in samples:
+        url, key = sample.get("__url__", "<unknown shard>"), sample.get("__key__")
+        try:
+            label = int(sample["cls"])
+            if not 0 <= label < num_classes:
+                raise ValueError(f"label {label} outside [0, {num_classes})")
+            png = sample["png"]
+        except (KeyError, ValueError) as exn:
+            bad.report(url, f"sample {key}: missing or invalid field ({type(exn).__name__}: {exn})")
+            continue
+        if progress is not None:
+            progress["samples"] += 1
+        yield {"key": key, "url": url, "png": png, "label": label, "flip": False}
+
+
+def _with_flips(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
+    """A flip bit per sample drawn in stream order, so a resumed stream flips the same images."""
+    for sample in samples:
+        yield {**sample, "flip": rng.random() < 0.5}
+
+
+def _decoded(
+    batches: Iterable[list[dict]], channels: int, resolution: int, bad: BadSamples, patience: int = 100
+) -> Iterator[tuple]:
+    """Lists of raw samples -> (uint8 N x C x R x R, int64 labels, keys); undecodable samples are dropped.
+
+    ``patience`` batches in a row without one decodable image raise: the data do
+    not match meta.json, and skipping forever would look like a hang.
+    """
+    empty = 0
+    for batch in batches:
+        images, labels, keys = [], [], []
+        for sample in batch:
+            try:
+                with Image.open(io.BytesIO(sample["png"])) as image:
+                    array = np.asarray(image)
+                want = (resolution, resolution) if channels == 1 else (resolution, resolution, channels)
+                if array.shape != want or array.dtype != np.uint8:
+                    raise ValueError(f"image is {array.dtype} {array.shape}, meta.json says uint8 {want}")
+            except Exception as exn:
+                bad.report(sample["url"], f"sample {sample['key']}: cannot decode ({type(exn).__name__}: {exn})")
+                continue
+            array = array[None] if channels == 1 else array.transpose(2, 0, 1)
+            images.append(array[..., ::-1] if sample["flip"] else array)
+            labels.append(sample["label"])
+            keys.append(sample["key"])
+        if images:
+            empty = 0
+            yield np.stack(images), np.asarray(labels, dtype=np.int64), keys
+        elif (empty := empty + 1) >= patience:
+            raise ShardError(f"no decodable image in {patience} batches in a row (last shard {batch[-1]['url']})")
+
+
+def _for_model(batches: Iterable[tuple], return_keys: bool = False) -> Iterator[tuple]:
+    """uint8 v -> float32 v / 127.5 - 1 in [-1, 1]; labels int64."""
+    for images, labels, keys in batches:
+        batch = (torch.from_numpy(images).float() / 127.5 - 1.0, torch.from_numpy(labels))
+        yield (*batch, keys) if return_keys else batch
+
+
+def split_by_rank(src: Iterable, rank: int, world_size: int) -> Iterator:
+    """``wds.split_by_node`` with the rank passed in: a worker started with spawn or
+    forkserver does not see the process group, and would silently read every shard."""
+    return islice(src, rank, None, world_size)
+
+
+def batches_before(position: int, role: int, workers: int) -> int:
+    """How many of the global batches 0..position-1 come from worker role ``role``."""
+    return max(0, (position - role + workers - 1) // workers)
+
+
+# ----------------------------------------------------------------------------- datasets
+
+
+class TrainStream(torch.utils.data.IterableDataset):
+    """Endless (or ``total_batches`` long) deterministic training batches of one rank.
+
+    ``start_batch`` resumes: the stream then begins at global batch ``start_batch``
+    and is identical to the tail of a stream started at 0 with the same seed,
+    rank, batch size and number of workers.
+    """
+
+    def __init__(
+        self,
+        urls: list[str],
+        meta: dict,
+        batch_size: int,
+        bad: BadSamples,
+        seed: int = 0,
+        rank: int = 0,
+        start_batch: int = 0,
+        total_batches: int | None = None,
+        shuffle_buffer: int = 1000,
+        hflip: bool = False,
+    ):
+        super().__init__()
+        self.urls, self.meta, self.batch_size, self.bad = urls, meta, batch_size, bad
+        self.seed, self.rank, self.start_batch, self.total_batches = seed, rank, start_batch, total_batches
+        self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
+
+    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
+        info = torch.utils.data.get_worker_info()
+        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
+        # DataLoader worker 0 hands out the first batch, which after a resume is
+        # global batch start_batch: worker i therefore plays role (i + start_batch) % W.
+        role = (worker + self.start_batch) % workers
+        stream = f"{self.seed}/{self.rank}/{role}"
+        skip = batches_before(self.start_batch, role, workers)
+        stop = None if self.total_batches is None else batches_before(self.total_batches, role, workers)
+        progress = {"samples": 0}
+        shards = partial(_resampled_shards, self.urls, random.Random(f"shards/{stream}"), progress, 20 * len(self.urls))
+        pipeline = wds.DataPipeline(
+            shards,
+            _tar_samples(self.meta, self.bad),
+            partial(_checked, num_classes=self.meta["num_classes"], bad=self.bad, progress=progress),
+            wds.shuffle(self.shuffle_buffer, seed=f"shuffle/{stream}"),
+            partial(_with_flips, rng=random.Random(f"flips/{stream}")) if self.hflip else None,
+            wds.batched(self.batch_size, collation_fn=None),
+            wds.slice(skip, stop),  # batches already trained on are dropped before decoding
+            partial(_decoded, channels=self.meta["channels"], resolution=self.meta["resolution"], bad=self.bad),
+            _for_model,
+        )
+        return iter(pipeline)
+
+
+def split_pipeline(
+    urls: list[str], meta: dict, batch_size: int, bad: BadSamples, rank: int = 0, world_size: int = 1
+) -> wds.DataPipeline:
+    """One ordered pass over a split; yields (uint8 images, int64 labels, keys), last batch partial."""
+    return wds.DataPipeline(
+        wds.SimpleShardList(urls),
+        partial(split_by_rank, rank=rank, world_size=world_size),
+        wds.split_by_worker,
+        _tar_samples(meta, bad),
+        partial(_checked, num_classes=meta["num_classes"], bad=bad),
+        wds.batched(batch_size, collation_fn=None, partial=True),
+        partial(_decoded, channels=meta["channels"], resolution=meta["resolution"], bad=bad),
+    )
+
+
+def eval_dataset(
+    urls: list[str],
+    meta: dict,
+    batch_size: int,
+    bad: BadSamples,
+    rank: int = 0,
+    world_size: int = 1,
+    return_keys: bool = False,
+) -> wds.DataPipeline:
+    """``split_pipeline`` as model batches ``(images in [-1, 1], labels)`` (+ keys, for tests)."""
+    pipeline = split_pipeline(urls, meta, batch_size, bad, rank, world_size)
+    return pipeline.compose(partial(_for_model, return_keys=return_keys))
+
+
+def read_split(root: str | Path, split: str = "val", strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
+    """A whole split in memory: (uint8 N x C x R x R, int64 N), in shard order.
+
+    For reference statistics and tests. Strict by default: reference statistics
+    over silently shortened data would be wrong without anyone noticing.
+    """
+    check_choice("split", split, ("train", "val"))
+    meta = read_meta(root)
+    batches = list(split_pipeline(shard_urls(root, meta, split), meta, 1024, BadSamples(strict)))
+    if not batches:
+        c, r = meta["channels"], meta["resolution"]
+        return torch.zeros(0, c, r, r, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
+    images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
+    labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))
+    return images, labels
