@@ -87,26 +87,50 @@ class CheckpointConfig:
 
 @dataclass
 class GuidanceSetting:
-    name: str = "cfg"
-    rule: str = "cfg"
-    scale: float = 1.5
+    """One guidance setting; its name is its key in the ``guidance`` mapping.
+
+    The mappings of settings are typed ``dict[str, Any]`` so that a new setting can
+    be added from the command line (``+guidance.sg8={rule: sg, scale: 8, ...}``);
+    ``sgexp.lit.eval_callback.make_settings`` validates every setting against these
+    fields before any sampling, naming the bad key or value.
+    """
+
+    rule: str = "none"  # none | cfg | sg | cfg_sg | ag | ag_sg
+    scale: float = 1.0
     gamma_strong: str = "0"  # a number or "cosine:START:END"
     gamma_weak: str = "0"
+    interval: list[float] | None = None  # [t_lo, t_hi]: guide only there
+
+
+def default_settings() -> dict[str, Any]:
+    """MNIST defaults (DESIGN.md): CFG is best near w=1.5, SG(0.5, 0.9) near w=5."""
+    return {
+        "none": {"rule": "none", "scale": 1.0},
+        "cfg": {"rule": "cfg", "scale": 1.5},
+        "sg": {"rule": "sg", "scale": 5.0, "gamma_strong": "0.5", "gamma_weak": "0.9"},
+    }
 
 
 @dataclass
-class SampleGridConfig:
+class GuidedEvalConfig:
+    """The evaluation callback: sample grids always, metrics when a feature extractor is available."""
+
     every_n_steps: int = 0  # 0: only at the end of training
-    per_class: int = 10
+    num_samples: int = 500
+    batch_size: int = 250
     num_steps: int = 40
     seed: int = 0
-    settings: list[GuidanceSetting] = field(default_factory=lambda: [GuidanceSetting()])
+    extractor: str = "auto"  # auto: the dataset's classifier if trained, else none (grids only); or inception
+    train_classifier: bool = False  # train the dataset's classifier first if it is missing (~30 s on MNIST-5k)
+    reference_split: str = "val"
+    grid_size: int = 100
+    settings: dict[str, Any] = field(default_factory=default_settings)
 
 
 @dataclass
 class CallbacksConfig:
     checkpoint: CheckpointConfig = field(default_factory=CheckpointConfig)
-    sample_grid: SampleGridConfig = field(default_factory=SampleGridConfig)
+    guided_eval: GuidedEvalConfig = field(default_factory=GuidedEvalConfig)
     monitor_every_n_steps: int = 50
 
 
@@ -133,7 +157,33 @@ class TrainConfig:
     paths: PathsConfig = field(default_factory=PathsConfig)
 
 
+@dataclass
+class SamplerConfig:
+    solver: str = "euler"  # euler | heun
+    steps: int = 40
+
+
+@dataclass
+class EvaluateConfig:
+    checkpoint: str = "latest"  # a .ckpt, a run directory, an MLflow run id, or "latest"
+    weak_checkpoint: str | None = None  # AutoGuidance's weak model
+    guidance: dict[str, Any] = field(default_factory=dict)
+    num_samples: int = 1000
+    batch_size: int = 250
+    seed: int = 0
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    extractor: str = "auto"  # auto | classifier | mnist | inception
+    inception_weights: str | None = None  # or SGEXP_INCEPTION_WEIGHTS
+    reference_split: str = "val"
+    grid_size: int = 100
+    device: str = "auto"
+    out_dir: str | None = None  # default: <run dir of the checkpoint>/eval/<timestamp>
+    logger: LoggerConfig = field(default_factory=LoggerConfig)
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
 def register_configs(store: ConfigStore | None = None) -> None:
-    """Register the schemas; ``configs/train.yaml`` lists ``train_schema`` first in its defaults."""
+    """Register the schemas; ``train.yaml`` and ``evaluate.yaml`` list them first in their defaults."""
     store = store or ConfigStore.instance()
     store.store(name="train_schema", node=TrainConfig)
+    store.store(name="evaluate_schema", node=EvaluateConfig)

@@ -24,7 +24,8 @@ from omegaconf import DictConfig, OmegaConf
 from sgexp import tracking
 from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
-from sgexp.lit.callbacks import FinalCheckpoint, SampleGrid, TrainingMonitor
+from sgexp.lit.callbacks import FinalCheckpoint, TrainingMonitor
+from sgexp.lit.eval_callback import GuidedSamplingEval
 from sgexp.lit.module import FlowMatchingModule
 from sgexp.models.dit import DiTConfig
 from sgexp.models.routing import Route
@@ -42,6 +43,7 @@ class TrainResult:
     mlflow_run_id: str | None
     tracking_uri: str | None
     sample_grids: list[Path]
+    evaluations: list[dict]
 
 
 def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
@@ -88,6 +90,42 @@ def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
     )
 
 
+def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSamplingEval:
+    """The evaluation callback, with its feature extractor and reference statistics ready
+    (computed now, not after hours of training). ``extractor=auto`` uses the dataset's own
+    classifier when it has been trained, and otherwise produces grids and timings only."""
+    from sgexp.eval import build_extractor, reference_stats
+
+    if g.train_classifier and g.extractor in ("auto", "classifier") and not (data_dir / "classifier.pt").is_file():
+        from sgexp.eval.classifier import train_classifier
+
+        log.info("training the %s classifier for domain FID (once, cached with the dataset)", data_dir.name)
+        train_classifier(data_dir)
+    name = g.extractor
+    if name == "auto":
+        name = "classifier" if (data_dir / "classifier.pt").is_file() else "none"
+        if name == "none":
+            log.info(
+                "no classifier for %s (python -m sgexp.eval train-classifier %s): grids only", data_dir, data_dir.name
+            )
+    extractor = reference = None
+    if name != "none":
+        extractor = build_extractor(name, data_dir)
+        reference = reference_stats(extractor, data_dir, g.reference_split)
+    return GuidedSamplingEval(
+        run_dir / "samples",
+        OmegaConf.to_container(g.settings, resolve=True),
+        extractor=extractor,
+        reference=reference,
+        num_samples=g.num_samples,
+        batch_size=g.batch_size,
+        num_steps=g.num_steps,
+        seed=g.seed,
+        grid_size=g.grid_size,
+        every_n_steps=g.every_n_steps,
+    )
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Callback]) -> L.Trainer:
     t = cfg.trainer
     precision = t.precision
@@ -95,7 +133,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
         precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
     progress = t.progress == "rich"
     if progress:
-        callbacks = [*callbacks, L.pytorch.callbacks.RichProgressBar()]
+        callbacks = [*callbacks, L.pytorch.callbacks.RichProgressBar(refresh_rate=5)]
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
@@ -160,6 +198,7 @@ def run(cfg: DictConfig) -> TrainResult:
         t_std=o.t_std,
         compile=o.compile,
         seed=cfg.seed,
+        dataset=cfg.data.name,
     )
 
     run_dir.mkdir(parents=True, exist_ok=True)
@@ -178,14 +217,7 @@ def run(cfg: DictConfig) -> TrainResult:
         )
 
     c = cfg.callbacks
-    grid = SampleGrid(
-        run_dir / "samples",
-        [OmegaConf.to_container(s) for s in c.sample_grid.settings],
-        every_n_steps=c.sample_grid.every_n_steps,
-        per_class=c.sample_grid.per_class,
-        num_steps=c.sample_grid.num_steps,
-        seed=c.sample_grid.seed,
-    )
+    guided_eval = build_guided_eval(c.guided_eval, run_dir, data_dir)
     checkpoints = [
         L.pytorch.callbacks.ModelCheckpoint(
             dirpath=ckpt_dir,
@@ -204,7 +236,7 @@ def run(cfg: DictConfig) -> TrainResult:
         ),
         FinalCheckpoint(ckpt_dir),
     ]
-    callbacks = [*checkpoints, TrainingMonitor(c.monitor_every_n_steps), grid]
+    callbacks = [*checkpoints, TrainingMonitor(c.monitor_every_n_steps), guided_eval]
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     log.info("run directory: %s", run_dir)
     trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
@@ -215,7 +247,8 @@ def run(cfg: DictConfig) -> TrainResult:
         global_step=trainer.global_step,
         mlflow_run_id=logger.run_id if logger is not None else None,
         tracking_uri=tracking_uri,
-        sample_grids=list(grid.written),
+        sample_grids=list(guided_eval.grids),
+        evaluations=list(guided_eval.rows),
     )
     if trainer.is_global_zero:
         _print_summary(result)

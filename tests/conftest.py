@@ -7,10 +7,17 @@ re-draw all weights from a seeded normal distribution.
 
 from __future__ import annotations
 
+from pathlib import Path
+
 import pytest
 import torch
+from hydra import compose, initialize_config_dir
 
+from sgexp.config import register_configs
 from sgexp.models import DiT, DiTConfig, Route
+
+ROOT = Path(__file__).resolve().parents[1]
+CONFIG_DIR = str(ROOT / "configs")
 
 
 def randomize(model: torch.nn.Module, seed: int = 0, std: float = 0.1) -> torch.nn.Module:
@@ -50,3 +57,53 @@ def batch():
     t = torch.rand(4, generator=gen)
     y = torch.tensor([0, 1, 4, 5])  # 5 is the null label
     return x, t, y
+
+
+def compose_config(name: str, overrides: list[str]):
+    """Compose ``configs/<name>.yaml`` exactly as the entry points do (typed schema first)."""
+    register_configs()
+    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
+        return compose(name, overrides=overrides)
+
+
+def compose_train(overrides: list[str]):
+    return compose_config("train", overrides)
+
+
+@pytest.fixture(scope="session")
+def shards(tmp_path_factory) -> Path:
+    """Real WebDataset shards of scikit-learn's digits (8×8), prepared once per session."""
+    from sgexp.data import ensure_prepared
+
+    root = tmp_path_factory.mktemp("shards")
+    ensure_prepared("digits", root)
+    return root
+
+
+def digits_run(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
+    """A few-second run: SiT-Micro/2 on 8×8 digits (16 tokens, route 1→2)."""
+    return [
+        "data=digits",
+        f"data.root={shards}",
+        "data.batch_size=16",
+        "data.num_workers=2",
+        "model.name=SiT-Micro/2",
+        f"paths.root={ROOT}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        "optim.lr=1e-3",
+        "optim.warmup_steps=2",
+        "trainer.max_steps=8",
+        "trainer.max_time=null",
+        "trainer.val_every_n_steps=4",
+        "trainer.log_every_n_steps=2",
+        "trainer.progress=none",
+        "callbacks.monitor_every_n_steps=2",
+        "callbacks.checkpoint.every_n_steps=4",
+        "callbacks.checkpoint.last_every_n_steps=2",
+        "callbacks.guided_eval.num_samples=20",
+        "callbacks.guided_eval.batch_size=20",
+        "callbacks.guided_eval.num_steps=2",
+        "callbacks.guided_eval.grid_size=10",
+        *extra,
+    ]

@@ -9,56 +9,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from hydra import compose, initialize_config_dir
+from conftest import compose_train, digits_run
 from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
 
-from sgexp.config import register_configs
-from sgexp.data import ensure_prepared
 from sgexp.lit.module import FlowMatchingModule, NonFiniteLossError
-from sgexp.train import CONFIG_DIR, run
-
-ROOT = Path(__file__).resolve().parents[1]
-
-
-def compose_train(overrides: list[str]):
-    register_configs()
-    with initialize_config_dir(config_dir=CONFIG_DIR, version_base="1.3"):
-        return compose("train", overrides=overrides)
-
-
-@pytest.fixture(scope="module")
-def shards(tmp_path_factory) -> Path:
-    root = tmp_path_factory.mktemp("shards")
-    ensure_prepared("digits", root)
-    return root
-
-
-def digits_run(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
-    """A few-second run: SiT-Micro/2 on 8×8 digits (16 tokens, route 1→2)."""
-    return [
-        "data=digits",
-        f"data.root={shards}",
-        "data.batch_size=16",
-        "data.num_workers=2",
-        "model.name=SiT-Micro/2",
-        f"paths.root={ROOT}",
-        f"paths.runs_dir={tmp_path / 'runs'}",
-        f"logger.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-        "optim.lr=1e-3",
-        "optim.warmup_steps=2",
-        "trainer.max_steps=8",
-        "trainer.max_time=null",
-        "trainer.val_every_n_steps=4",
-        "trainer.log_every_n_steps=2",
-        "trainer.progress=none",
-        "callbacks.monitor_every_n_steps=2",
-        "callbacks.checkpoint.every_n_steps=4",
-        "callbacks.checkpoint.last_every_n_steps=2",
-        "callbacks.sample_grid.per_class=1",
-        "callbacks.sample_grid.num_steps=2",
-        *extra,
-    ]
+from sgexp.train import run
 
 
 def test_smoke_train_logs_to_mlflow(tmp_path, shards):
@@ -69,11 +25,21 @@ def test_smoke_train_logs_to_mlflow(tmp_path, shards):
     assert (result.run_dir / "checkpoints" / "step-0000004.ckpt").is_file()
     assert (result.run_dir / "config.yaml").is_file()
     assert len(result.sample_grids) == 3 and all(p.is_file() for p in result.sample_grids)
+    # mnist_tread (the base of these runs) trains the dataset's classifier: domain FID at the end.
+    assert all(math.isfinite(r["fid"]) and r["gflops_per_sample"] > 0 for r in result.evaluations)
+    assert result.evaluations[0]["metric"] == "domain FID (digits classifier)"
 
     client = MlflowClient(result.tracking_uri)
     mlrun = client.get_run(result.mlflow_run_id)
     metrics = mlrun.data.metrics
-    for key in ("train/loss", "train/lr", "train/grad_norm", "train/images_per_s", "val/loss"):
+    for key in (
+        "train/loss",
+        "train/lr",
+        "train/grad_norm",
+        "train/images_per_s",
+        "val/loss",
+        "eval/sg/relative_to_cfg",
+    ):
         assert key in metrics and math.isfinite(metrics[key]), key
     assert any(k.startswith("train/tokens_per_s/blocks_1-2") for k in metrics)
     # Route 1..2 of 4 blocks at γ=0.5 skips half the tokens in half the blocks.

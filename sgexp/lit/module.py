@@ -31,7 +31,8 @@ class FlowMatchingModule(L.LightningModule):
     ``FlowMatchingModule.load_from_checkpoint(path)`` rebuilds the network):
     ``model`` is a ``DiTConfig.to_dict()``; ``lr``, ``betas``, ``weight_decay``
     configure AdamW; the learning rate ramps linearly over ``warmup_steps`` and
-    then stays constant (the SG paper uses no schedule).
+    then stays constant (the SG paper uses no schedule). ``dataset`` names the
+    prepared dataset it was trained on, so evaluation finds its reference data.
     """
 
     def __init__(
@@ -47,6 +48,7 @@ class FlowMatchingModule(L.LightningModule):
         t_std: float = 1.0,
         compile: bool = False,
         seed: int = 0,
+        dataset: str | None = None,
     ):
         super().__init__()
         if not lr > 0:

@@ -1,0 +1,362 @@
+"""Sample-quality metrics against a dataset's cached reference statistics.
+
+- FID (Heusel et al. 2017, "GANs Trained by a Two Time-Scale Update Rule Converge
+  to a Local Nash Equilibrium"): the Fréchet distance between Gaussians fitted to
+  the features of real and generated images,
+  ``|mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))``. Computed as clean-fid
+  does (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
+  Evaluation"): float64 ``np.mean`` / ``np.cov`` and ``cleanfid.fid.frechet_distance``.
+- Precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall
+  Metric for Assessing Generative Models"), k = 3 nearest neighbours.
+- Class accuracy: the fraction of samples the classifier assigns to the class they
+  were generated for.
+- An Inception-Score analogue (Salimans et al. 2016, "Improved Techniques for
+  Training GANs"): ``exp(E_x KL(p(y|x) || p(y)))`` from the domain classifier's
+  softmax, over the whole sample set (one split, not the paper's ten).
+
+Reference statistics are computed once per (dataset, split, extractor) and cached
+in ``<dataset_dir>/fid_stats/<extractor>_<split>.npz``: mu, sigma, n, a random
+subset of raw features (for precision/recall), the extractor's identity (a hash of
+its weights) and the dataset's identity; a cache that does not match is recomputed.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import warnings
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+import torch
+
+from sgexp.checks import check_choice, check_positive_int, fail
+from sgexp.eval.features import FeatureExtractor
+
+log = logging.getLogger("sgexp.eval.metrics")
+
+STATS_DIR = "fid_stats"
+PR_SEED = 0  # subsets drawn for precision/recall: fixed, so that two evaluations see the same real subset
+
+
+# ----------------------------------------------------------------------------- FID
+
+
+def fid_from_features(fake_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
+    """FID of raw features against reference (mu, sigma), exactly as clean-fid computes it."""
+    from cleanfid.fid import frechet_distance
+    from scipy.linalg import LinAlgWarning
+
+    fake_feats = np.asarray(fake_feats)
+    if fake_feats.ndim != 2 or len(fake_feats) < 2:
+        raise fail("fake_feats", f"shape {fake_feats.shape}", "FID needs a (N, dim) array with N >= 2")
+    if fake_feats.shape[1] != len(mu_ref):
+        raise fail("fake_feats", f"shape {fake_feats.shape}", f"reference statistics have dim {len(mu_ref)}")
+    mu, sigma = np.mean(fake_feats, axis=0), np.cov(fake_feats, rowvar=False)  # float64, as clean-fid
+    with warnings.catch_warnings():
+        # clean-fid 0.1.35 calls scipy's sqrtm(..., disp=False), deprecated since scipy 1.16 (removal
+        # announced for 1.18: constraints.txt pins scipy 1.17.1); the warning is not actionable here
+        warnings.filterwarnings("ignore", message="The `disp` argument is deprecated", category=DeprecationWarning)
+        # The classifier's post-ReLU features have dead units (~20 of 128 on mnist5k): both covariances
+        # are exactly singular on those rows and sqrtm warns on every call. The result stays accurate
+        # (it matches torchmetrics' eigenvalue route to ~1e-8, tests/test_eval_metrics.py), and
+        # clean-fid itself still rejects non-finite or clearly complex square roots.
+        warnings.filterwarnings("ignore", message="Matrix is singular", category=LinAlgWarning)
+        return float(frechet_distance(mu, sigma, mu_ref, sigma_ref))
+
+
+class RunningMoments:
+    """Mean and covariance of a stream of feature batches in float64 (Chan et al.'s pairwise update).
+
+    The reference split may not fit in memory as features (ImageNet: 1.28M x 2048);
+    merging per-batch centred scatter matrices gives ``np.cov``'s result without
+    the cancellation of the naive sum-of-squares formula.
+    """
+
+    def __init__(self, dim: int):
+        self.n, self.mean, self.scatter = 0, np.zeros(dim), np.zeros((dim, dim))
+
+    def update(self, batch: np.ndarray) -> None:
+        batch = np.asarray(batch, dtype=np.float64)
+        m, batch_mean = len(batch), batch.mean(axis=0)
+        centred = batch - batch_mean
+        delta, total = batch_mean - self.mean, self.n + m
+        self.scatter += centred.T @ centred + np.outer(delta, delta) * (self.n * m / total)
+        self.mean += delta * (m / total)
+        self.n = total
+
+    @property
+    def cov(self) -> np.ndarray:
+        return self.scatter / (self.n - 1)
+
+
+# ----------------------------------------------------------------------------- precision / recall
+
+
+def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Squared distances (len(a), len(b)) via one matmul, and the rounding slack of that expansion.
+
+    The slack lets exact duplicates (distance 0, computed as a tiny positive number)
+    count as inside each other's k-NN ball.
+    """
+    na, nb = (a * a).sum(1, keepdim=True), (b * b).sum(1)
+    return (na + nb - 2.0 * a @ b.T).clamp_min_(0.0), 1e-9 * (na + nb)
+
+
+def _knn_sq_radii(feats: torch.Tensor, k: int, block: int) -> torch.Tensor:
+    """Squared distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
+    # kthvalue(k + 1): the point itself (distance ~0) is always the nearest
+    return torch.cat([_sq_distances(feats[i : i + block], feats)[0].kthvalue(k + 1, dim=1).values
+                      for i in range(0, len(feats), block)])  # fmt: skip
+
+
+def _coverage(points: torch.Tensor, centres: torch.Tensor, sq_radii: torch.Tensor, block: int) -> float:
+    """Fraction of ``points`` inside at least one ball (centre, radius) of the other set's k-NN manifold."""
+    inside = 0
+    for i in range(0, len(points), block):
+        d2, slack = _sq_distances(points[i : i + block], centres)
+        inside += int((d2 <= sq_radii[None, :] + slack).any(dim=1).sum())
+    return inside / len(points)
+
+
+def precision_recall(
+    real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3, block: int = 1024
+) -> tuple[float, float]:
+    """Improved precision and recall (Kynkäänniemi et al. 2019).
+
+    Each set's manifold is the union of balls around its points with radius the
+    distance to the k-th nearest neighbour. Precision: fraction of fake samples
+    inside the real manifold (fidelity). Recall: fraction of real samples inside the
+    fake manifold (diversity). The k-NN radii shrink as a set grows, so compare sets
+    of equal size (``compute_metrics`` subsamples the reference to the sample count).
+    """
+    check_positive_int("k", k)
+    real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float64) for f in (real_feats, fake_feats))
+    for name, feats in (("real_feats", real), ("fake_feats", fake)):
+        if feats.dim() != 2 or len(feats) <= k:
+            raise fail(name, f"shape {tuple(feats.shape)}", f"needs a (N, dim) array with N > k={k}")
+    if real.shape[1] != fake.shape[1]:
+        raise fail("fake_feats", f"shape {tuple(fake.shape)}", f"real features have dim {real.shape[1]}")
+    precision = _coverage(fake, real, _knn_sq_radii(real, k, block), block)
+    recall = _coverage(real, fake, _knn_sq_radii(fake, k, block), block)
+    return precision, recall
+
+
+# ----------------------------------------------------------------------------- class metrics
+
+
+def inception_score(probs: np.ndarray) -> float:
+    """``exp(mean_x KL(p(y|x) || p(y)))`` with p(y) the mean prediction (Salimans et al. 2016), one split.
+
+    1 when every sample gets the same prediction; num_classes when predictions are
+    confident and the classes balanced.
+    """
+    from scipy.special import rel_entr  # 0 * log 0 = 0, where a plain log would give nan
+
+    probs = np.asarray(probs, dtype=np.float64)
+    marginal = probs.mean(axis=0, keepdims=True)
+    return float(np.exp(rel_entr(probs, marginal).sum(axis=1).mean()))
+
+
+def class_accuracy(logits: np.ndarray, labels: np.ndarray) -> float:
+    """Fraction of samples classified as the label they were generated for."""
+    return float((np.asarray(logits).argmax(axis=1) == np.asarray(labels)).mean())
+
+
+# ----------------------------------------------------------------------------- features
+
+
+@torch.no_grad()
+def extract(
+    extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 256, with_logits: bool = False
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, dim) float32 and, if asked, logits (N, classes), batch by batch."""
+    check_positive_int("batch_size", batch_size)
+    extractor.check_images(images)
+    feats, logits = [], []
+    for start in range(0, len(images), batch_size):
+        batch = images[start : start + batch_size]
+        f, z = extractor.features_and_logits(batch) if with_logits else (extractor(batch), None)
+        feats.append(f.float().cpu().numpy())
+        if with_logits:
+            logits.append(z.float().cpu().numpy())
+    if not feats:
+        return np.zeros((0, extractor.dim), np.float32), None
+    return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
+
+
+# ----------------------------------------------------------------------------- reference statistics
+
+
+@dataclass
+class ReferenceStats:
+    mu: np.ndarray  # (dim,) float64
+    sigma: np.ndarray  # (dim, dim) float64
+    features: np.ndarray  # (<= max_features, dim) float32, a uniform random subset of the split
+    n: int  # images the statistics were computed on
+    extractor: str  # FeatureExtractor.identity: which weights made the features
+    split: str
+    dataset: str = ""  # dataset identity (name, creation time, size): a re-prepared dataset invalidates the cache
+
+
+def stats_path(dataset_dir: str | Path, extractor_name: str, split: str) -> Path:
+    return Path(dataset_dir) / STATS_DIR / f"{extractor_name}_{split}.npz"
+
+
+def _dataset_identity(meta: dict, split: str) -> str:
+    return f"{meta['name']} created={meta.get('created')} {split}={meta.get(f'num_{split}')}"
+
+
+def _load(path: Path) -> ReferenceStats | None:
+    try:
+        with np.load(path, allow_pickle=False) as z:
+            strings = {key: str(z[key]) for key in ("extractor", "split", "dataset")}
+            return ReferenceStats(z["mu"], z["sigma"], z["features"], int(z["n"]), **strings)
+    except FileNotFoundError:
+        return None
+    except Exception as exn:  # a truncated or foreign file is recomputed, not trusted
+        log.warning("ignoring unreadable reference statistics %s (%s: %s)", path, type(exn).__name__, exn)
+        return None
+
+
+def _save(stats: ReferenceStats, path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # atomic: concurrent readers never see half a file
+    with open(tmp, "wb") as f:
+        np.savez(f, mu=stats.mu, sigma=stats.sigma, features=stats.features, n=stats.n,
+                 extractor=stats.extractor, split=stats.split, dataset=stats.dataset)  # fmt: skip
+    os.replace(tmp, path)
+
+
+def _stale(cached: ReferenceStats, extractor: FeatureExtractor, dataset: str, max_features: int) -> str | None:
+    """Why a cached file cannot be used, or None."""
+    if cached.extractor != extractor.identity:
+        return f"made by extractor {cached.extractor!r}, now {extractor.identity!r}"
+    if cached.dataset != dataset:
+        return f"made for dataset {cached.dataset!r}, now {dataset!r}"
+    if len(cached.features) != min(max_features, cached.n):
+        return f"holds {len(cached.features)} raw features, {min(max_features, cached.n)} asked"
+    return None
+
+
+def _compute(
+    extractor: FeatureExtractor, dataset_dir: Path, meta: dict, split: str, batch_size: int, max_features: int
+) -> ReferenceStats:
+    """One streaming pass over the split: running moments + a fixed random subset of raw features."""
+    from rich.progress import Progress
+
+    from sgexp.data.shards import BadSamples, shard_urls, split_pipeline
+
+    expected = meta[f"num_{split}"]
+    keep = np.zeros(expected, dtype=bool)
+    keep[np.random.default_rng(PR_SEED).choice(expected, min(max_features, expected), replace=False)] = True
+    moments, subset, seen = RunningMoments(extractor.dim), [], 0
+    # strict reading: statistics over silently shortened data would be wrong without anyone noticing
+    batches = split_pipeline(shard_urls(dataset_dir, meta, split), meta, batch_size, BadSamples(strict=True))
+    with Progress(transient=True) as progress:
+        task = progress.add_task(f"reference {meta['name']}/{split} ({extractor.name})", total=expected)
+        for images, _, _ in batches:
+            feats, _ = extract(extractor, torch.from_numpy(images), batch_size)
+            moments.update(feats)
+            subset.append(feats[keep[seen : seen + len(feats)]])
+            seen += len(feats)
+            progress.advance(task, len(feats))
+    if seen != expected or seen < 2:
+        raise fail("dataset_dir", str(dataset_dir), f"the {split} split gave {seen} images, meta.json says {expected}")
+    return ReferenceStats(moments.mean, moments.cov, np.concatenate(subset), seen, extractor.identity, split,
+                          _dataset_identity(meta, split))  # fmt: skip
+
+
+def reference_stats(
+    extractor: FeatureExtractor,
+    dataset_dir: str | Path,
+    split: str = "train",
+    device: str | torch.device = "cpu",
+    batch_size: int = 256,
+    max_features: int = 10000,
+) -> ReferenceStats:
+    """Statistics of the dataset's ``split`` under ``extractor``: from the cache, or computed once and cached."""
+    from sgexp.data import read_meta
+
+    check_choice("split", split, ("train", "val"))
+    check_positive_int("batch_size", batch_size)
+    check_positive_int("max_features", max_features)
+    dataset_dir = Path(dataset_dir)
+    meta = read_meta(dataset_dir)
+    dataset, path = _dataset_identity(meta, split), stats_path(dataset_dir, extractor.name, split)
+    cached = _load(path)
+    if cached is not None:
+        why = _stale(cached, extractor, dataset, max_features)
+        if why is None:
+            log.info("reference statistics: %s (%d images)", path, cached.n)
+            return cached
+        log.info("cached reference statistics %s are stale (%s): recomputing", path, why)
+    log.info(
+        "computing reference statistics for %s/%s with the %s extractor (%d images; cached afterwards in %s)",
+        meta["name"], split, extractor.name, meta[f"num_{split}"], path,
+    )  # fmt: skip
+    stats = _compute(extractor.to(device), dataset_dir, meta, split, batch_size, max_features)
+    _save(stats, path)
+    return stats
+
+
+# ----------------------------------------------------------------------------- all metrics
+
+
+def _check_labels(labels, n: int) -> None:
+    if labels is not None and (np.ndim(labels) != 1 or len(labels) != n):
+        raise fail("labels", f"shape {tuple(np.shape(labels))}", f"must be one label per image ({n})")
+
+
+def metrics_from_features(
+    features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray | None, ref: ReferenceStats
+) -> dict:
+    """``compute_metrics`` on features (and logits) already extracted, e.g. gathered from several processes.
+
+    Keys: ``fid``, ``precision``, ``recall``, ``num_samples``; with ``logits`` also
+    ``inception_score`` and, when ``labels`` are given, ``class_accuracy``. Precision
+    and recall use as many reference features as there are samples (``PR_SEED``
+    subset; see ``precision_recall``), and are nan below k + 1 = 4 samples.
+    """
+    n = len(features)
+    _check_labels(labels, n)
+    metrics = {"fid": fid_from_features(features, ref.mu, ref.sigma)}
+    real = ref.features
+    if len(real) > n:
+        real = real[np.sort(np.random.default_rng(PR_SEED).choice(len(real), n, replace=False))]
+    if min(len(real), n) > 3:
+        metrics["precision"], metrics["recall"] = precision_recall(real, features, k=3)
+    else:
+        log.warning("precision/recall need more than 3 samples, got %d: reported as nan", n)
+        metrics["precision"] = metrics["recall"] = float("nan")
+    if logits is not None:
+        probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
+        metrics["inception_score"] = inception_score(probs)
+        if labels is not None:
+            metrics["class_accuracy"] = class_accuracy(logits, labels)
+    metrics["num_samples"] = n
+    return metrics
+
+
+def compute_metrics(
+    extractor: FeatureExtractor,
+    fake_images_uint8: torch.Tensor,
+    labels: torch.Tensor | None,
+    ref: ReferenceStats,
+    batch_size: int = 256,
+    device: str | torch.device = "cpu",
+) -> dict:
+    """FID, precision, recall, and for a classifier the IS analogue and class accuracy (if ``labels``).
+
+    See ``metrics_from_features`` for the keys. ``ref`` must come from the same
+    weights as ``extractor`` (``reference_stats`` with this extractor).
+    """
+    if ref.extractor != extractor.identity:
+        raise fail("ref", ref.extractor, f"was computed with other weights than this extractor ({extractor.identity})"
+                   "; get fresh statistics from reference_stats")  # fmt: skip
+    _check_labels(labels, len(fake_images_uint8))  # before the (possibly long) feature extraction
+    classifies = extractor.num_classes is not None
+    features, logits = extract(extractor.to(device), fake_images_uint8, batch_size, with_logits=classifies)
+    labels = None if labels is None else torch.as_tensor(labels).cpu().numpy()
+    return metrics_from_features(features, logits, labels, ref)

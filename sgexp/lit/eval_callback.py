@@ -1,0 +1,133 @@
+"""``GuidedSamplingEval``: score the EMA model under several guidance settings during training."""
+
+from __future__ import annotations
+
+import logging
+from collections.abc import Mapping
+from dataclasses import fields
+from pathlib import Path
+
+import lightning as L
+import torch
+
+from sgexp.config import GuidanceSetting
+from sgexp.diffusion.guidance import build_guidance
+from sgexp.diffusion.sampler import Sampler
+from sgexp.eval.sampling import Setting, save_grid, score_setting
+
+log = logging.getLogger(__name__)
+
+
+def make_settings(settings: Mapping[str, Mapping]) -> list[Setting]:
+    """``{"sg": {"rule": "sg", "scale": 5, "gamma_strong": "0.5", ...}}`` -> validated settings.
+
+    Every rule is built here, so an invalid setting fails before any training or sampling.
+    """
+    allowed = {f.name for f in fields(GuidanceSetting)}
+    out = []
+    for name, spec in settings.items():
+        if not isinstance(spec, Mapping):
+            raise ValueError(f"guidance.{name}={spec!r} is invalid: expected a mapping with keys {sorted(allowed)}")
+        unknown = set(spec) - allowed
+        if unknown:
+            raise ValueError(
+                f"guidance.{name}={dict(spec)!r} is invalid: unknown keys {sorted(unknown)}, allowed {sorted(allowed)}"
+            )
+        s = GuidanceSetting(**spec)
+        interval = tuple(s.interval) if s.interval else None
+        out.append(Setting(name, build_guidance(s.rule, float(s.scale), s.gamma_strong, s.gamma_weak, interval)))
+    return out
+
+
+class GuidedSamplingEval(L.Callback):
+    """Every ``every_n_steps`` (if > 0) and at the end of training, for each setting:
+    ``num_samples`` EMA samples on the same indices, metrics prefixed by the setting's
+    name (``eval/sg/fid``, ``eval/sg/gflops_per_sample``, ...) and a sample grid.
+
+    ``extractor`` is a built feature extractor with its ``reference`` statistics, or
+    None for grids and timing only (e.g. before the dataset's classifier is trained).
+    Sampling is spread over all ranks; rank 0 logs.
+    """
+
+    def __init__(
+        self,
+        out_dir: str | Path,
+        settings: Mapping[str, Mapping],
+        extractor: torch.nn.Module | None = None,
+        reference=None,
+        num_samples: int = 500,
+        batch_size: int = 250,
+        num_steps: int = 40,
+        seed: int = 0,
+        grid_size: int = 100,
+        every_n_steps: int = 0,
+    ):
+        self.out_dir = Path(out_dir)
+        self.settings = make_settings(settings)
+        self.extractor, self.reference = extractor, reference
+        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
+        self.sampler = Sampler("euler", num_steps)
+        self.grid_size, self.every_n_steps = grid_size, every_n_steps
+        self.rows: list[dict] = []
+        self.grids: list[Path] = []
+        self._last_step = -1
+
+    def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
+        if self.every_n_steps and trainer.global_step % self.every_n_steps == 0:
+            self.run(trainer, pl_module)
+
+    def on_train_end(self, trainer, pl_module) -> None:
+        self.run(trainer, pl_module)
+
+    @torch.no_grad()
+    def run(self, trainer: L.Trainer, pl_module) -> list[dict]:
+        step = trainer.global_step
+        if step == self._last_step:  # already evaluated at this step
+            return []
+        self._last_step = step
+        if self.extractor is not None:
+            self.extractor.to(pl_module.device)
+        models, configs = {"main": pl_module.ema.model}, {"main": pl_module.config}
+        rows = []
+        for setting in self.settings:
+            row, grid = score_setting(
+                setting,
+                models,
+                configs,
+                self.sampler,
+                self.extractor,
+                self.reference,
+                self.num_samples,
+                self.seed,
+                self.batch_size,
+                pl_module.device,
+                grid_size=self.grid_size,
+            )
+            row["step"] = step
+            rows.append(row)
+            if trainer.is_global_zero:
+                self._report(trainer, setting, row, grid, step)
+        self.rows.extend(rows)
+        return rows
+
+    def _report(self, trainer, setting: Setting, row: dict, grid, step: int) -> None:
+        numbers = {k: v for k, v in row.items() if isinstance(v, (int, float)) and not isinstance(v, bool)}
+        quality = f"{row['metric']} {row['fid']:.2f}, " if "fid" in row else ""
+        log.info(
+            "step %d %s: %s%.3g GFLOPs/sample, %.4f s/sample",
+            step,
+            setting.name,
+            quality,
+            row["gflops_per_sample"],
+            row["seconds_per_sample"],
+        )
+        logger = trainer.logger
+        if logger is not None:
+            logger.log_metrics({f"eval/{setting.name}/{k}": float(v) for k, v in numbers.items()}, step=step)
+        if grid is not None:
+            # One column per class: labels are balanced (index i has label i mod num_classes).
+            nrow = min(trainer.lightning_module.config.num_classes, 10, len(grid))
+            path = save_grid(grid, self.out_dir / f"{setting.name}_step{step:07d}.png", nrow=nrow)
+            self.grids.append(path)
+            if logger is not None and hasattr(logger, "run_id"):
+                logger.experiment.log_artifact(logger.run_id, str(path), "samples")

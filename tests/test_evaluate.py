@@ -1,0 +1,139 @@
+"""``python -m sgexp.evaluate`` end to end: a trained checkpoint, the project's classifier,
+domain FID, costs, common random numbers, MLflow nesting and bad input."""
+
+from __future__ import annotations
+
+import json
+import math
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+from conftest import ROOT, compose_config, compose_train, digits_run
+from mlflow.tracking import MlflowClient
+
+from sgexp.data import ensure_prepared
+from sgexp.diffusion import Sampler, cfg, sparse_guidance
+from sgexp.evaluate import run as evaluate
+from sgexp.flops import sample_cost
+from sgexp.lit.module import FlowMatchingModule
+from sgexp.train import run as train
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits model trained for a few steps and the digits classifier, in their own data root."""
+    tmp = tmp_path_factory.mktemp("eval")
+    shards = tmp / "shards"
+    ensure_prepared("digits", shards)
+    subprocess.run(
+        [sys.executable, "-m", "sgexp.eval", "train-classifier", "digits", "--root", str(shards)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    result = train(
+        compose_train(digits_run(tmp, shards, "trainer.max_steps=30", "callbacks.guided_eval.num_samples=10"))
+    )
+    return tmp, shards, result
+
+
+def eval_overrides(tmp: Path, shards: Path, checkpoint: str, *extra: str) -> list[str]:
+    return [
+        f"checkpoint={checkpoint}",
+        f"paths.root={ROOT}",
+        f"paths.data_dir={shards}",
+        f"paths.runs_dir={tmp / 'runs'}",
+        f"logger.tracking_uri=sqlite:///{tmp / 'mlflow.db'}",
+        "num_samples=40",
+        "batch_size=40",
+        "sampler.steps=4",
+        "grid_size=20",
+        *extra,
+    ]
+
+
+def test_evaluate_scores_each_setting(trained):
+    tmp, shards, result = trained
+    overrides = eval_overrides(
+        tmp,
+        shards,
+        "latest",
+        "guidance=[none,cfg,sg,cfg_sg]",
+        # SG at w=1 is its strong branch alone: D(c; 0.5) = unguided at γ=0.5, on the same samples.
+        "+guidance.sg_w1={rule: sg, scale: 1.0, gamma_strong: '0.5', gamma_weak: '0.9'}",
+        "+guidance.none_05={rule: none, gamma_strong: '0.5'}",
+    )
+    results = evaluate(compose_config("evaluate", overrides))
+    rows = {r["setting"]: r for r in results["rows"]}
+    assert set(rows) == {"none", "cfg", "sg", "cfg_sg", "sg_w1", "none_05"}
+    assert results["checkpoint"] == str(result.checkpoint) and results["step"] == 30
+    assert "domain FID" in results["metric"]
+    for row in rows.values():
+        assert math.isfinite(row["fid"]) and row["fid"] > 0
+        assert 0 <= row["precision"] <= 1 and 0 <= row["recall"] <= 1 and 0 <= row["class_accuracy"] <= 1
+        assert row["num_samples"] == 40 and row["seconds_per_sample"] > 0
+        assert Path(row["grid"]).is_file()
+    # Common random numbers: the same samples, bit for bit, give the same metrics.
+    assert rows["sg_w1"]["fid"] == rows["none_05"]["fid"]
+    assert rows["sg_w1"]["class_accuracy"] == rows["none_05"]["class_accuracy"]
+    assert rows["none"]["fid"] != rows["none_05"]["fid"]
+    # Costs are the analytic model's, for the rule as run.
+    config = FlowMatchingModule.load_from_checkpoint(result.checkpoint, map_location="cpu").config
+    sampler = Sampler("euler", 4)
+    assert rows["cfg"]["gflops_per_sample"] == pytest.approx(sample_cost(config, cfg(1.5), sampler).gflops_per_sample)
+    sg = sample_cost(config, sparse_guidance(5.0, 0.5, 0.9), sampler).gflops_per_sample
+    assert rows["sg"]["gflops_per_sample"] == pytest.approx(sg)
+    assert rows["sg"]["relative_to_cfg"] < 1.0 and rows["cfg"]["relative_to_cfg"] == pytest.approx(1.0)
+
+    out = Path(results["out_dir"])
+    assert json.loads((out / "results.json").read_text())["rows"][0]["setting"] == results["rows"][0]["setting"]
+    client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
+    run = client.get_run(results["mlflow_run_id"])
+    assert run.data.tags["mlflow.parentRunId"] == result.mlflow_run_id  # nested under the training run
+    assert run.data.metrics["sg/fid"] == pytest.approx(rows["sg"]["fid"])
+
+
+def test_results_do_not_depend_on_the_batch_size(trained):
+    tmp, shards, result = trained
+    runs = [
+        evaluate(
+            compose_config(
+                "evaluate",
+                eval_overrides(
+                    tmp, shards, str(result.run_dir), "guidance=[sg]", f"batch_size={b}", "logger.enabled=false"
+                ),
+            )
+        )
+        for b in (40, 7)
+    ]
+    a, b = (r["rows"][0] for r in runs)
+    assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
+    assert a["class_accuracy"] == b["class_accuracy"]
+
+
+@pytest.mark.parametrize(
+    "extra,error,match",
+    [
+        (["guidance=[ag]"], ValueError, "weak_checkpoint=None is invalid"),
+        (["guidance=[sg]", "guidance.sg.gamma_strong='0.95'"], ValueError, "gamma_strong=0.95 is invalid"),
+        (["extractor=inception"], Exception, "inception-2015-12-05.pt"),
+    ],
+)
+def test_bad_input_fails_before_sampling(trained, extra, error, match):
+    tmp, shards, result = trained
+    with pytest.raises(error, match=match):
+        evaluate(
+            compose_config(
+                "evaluate", eval_overrides(tmp, shards, str(result.checkpoint), *extra, "logger.enabled=false")
+            )
+        )
+
+
+def test_missing_checkpoint(tmp_path, trained):
+    _, shards, _ = trained
+    with pytest.raises(FileNotFoundError, match="checkpoint='latest' is invalid: no run"):
+        evaluate(compose_config("evaluate", eval_overrides(tmp_path, shards, "latest", "logger.enabled=false")))
+    with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' is invalid"):
+        evaluate(compose_config("evaluate", eval_overrides(tmp_path, shards, "nope.ckpt", "logger.enabled=false")))
