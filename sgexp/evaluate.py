@@ -16,6 +16,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import sys
 from datetime import datetime
 from pathlib import Path
 
@@ -199,7 +200,8 @@ def _print_table(results: dict) -> None:
         table.add_column(key.replace("_", " "), justify="left" if key in ("setting", "strong", "weak") else "right")
     for row in results["rows"]:
         table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "-" for key, fmt in COLUMNS))
-    Console().print(table)
+    # Logs and CI capture stdout: give the table room instead of rich's 80-column default.
+    Console(width=None if sys.stdout.isatty() else 180).print(table)
 
 
 def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_uri: str, root: Path) -> str:
