@@ -23,13 +23,12 @@ from pathlib import Path
 import hydra
 import torch
 from omegaconf import DictConfig, OmegaConf
+from rich.progress import Progress
 
 from sgexp import tracking
 from sgexp.config import register_configs
-from sgexp.diffusion.sampler import Sampler
-from sgexp.eval.sampling import save_grid, score_setting
+from sgexp.eval.evaluator import load_evaluator, run_dir_of
 from sgexp.lit.eval_callback import make_settings
-from sgexp.lit.module import FlowMatchingModule
 
 log = logging.getLogger("sgexp.evaluate")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -48,63 +47,12 @@ COLUMNS = [
 ]
 
 
-def find_checkpoint(spec: str, runs_dir: Path, tracking_uri: str | None) -> Path:
-    """A .ckpt path, a run directory, ``latest`` (newest run under ``runs_dir``), or an MLflow run id."""
-    path = Path(spec).expanduser()
-    if path.is_file():
-        return path.resolve()
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
-        return (path / "checkpoints" / "last.ckpt").resolve()
-    if spec == "latest":
-        found = sorted(runs_dir.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
-        if not found:
-            raise FileNotFoundError(
-                f"checkpoint='latest' is invalid: no run with checkpoints/last.ckpt under {runs_dir}"
-                " (run `make train` first, or pass checkpoint=PATH)"
-            )
-        return found[-1]
-    if tracking_uri and len(spec) == 32 and all(ch in "0123456789abcdef" for ch in spec):
-        from mlflow.tracking import MlflowClient
-
-        tags = MlflowClient(tracking_uri).get_run(spec).data.tags
-        ckpt = Path(tags.get("sgexp.checkpoint_dir", "")) / "last.ckpt"
-        if ckpt.is_file():
-            return ckpt
-    raise FileNotFoundError(
-        f"checkpoint={spec!r} is invalid: not a checkpoint file, a run directory with checkpoints/last.ckpt, "
-        "'latest', or an MLflow run id whose checkpoints are on this machine"
-    )
-
-
-def run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
-
-
-def load_ema(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, FlowMatchingModule]:
-    module = FlowMatchingModule.load_from_checkpoint(ckpt, map_location=device)
-    return module.ema.model.to(device).eval(), module
-
-
-def check_weak_model(main, weak, ckpt: Path) -> None:
-    """AutoGuidance combines two predictions of the same quantity: shapes and classes must agree."""
-    for key in ("input_size", "in_channels", "num_classes"):
-        if getattr(main.config, key) != getattr(weak.config, key):
-            raise ValueError(
-                f"weak_checkpoint={str(ckpt)!r} is invalid: its {key}={getattr(weak.config, key)} differs from the "
-                f"main model's {getattr(main.config, key)}"
-            )
-
-
 def run(cfg: DictConfig) -> dict:
     root = Path(cfg.paths.root).resolve()
     cfg.paths.root = str(root)
-    device = torch.device(
-        "cuda" if cfg.device == "auto" and torch.cuda.is_available() else "cpu" if cfg.device == "auto" else cfg.device
-    )
     settings = make_settings(OmegaConf.to_container(cfg.guidance, resolve=True))
     if not settings:
         raise ValueError("guidance={} is invalid: select at least one setting, e.g. guidance=[none,cfg,sg]")
-    sampler = Sampler(cfg.sampler.solver, cfg.sampler.steps)
     needs_weak = [s.name for s in settings if "weak" in s.rule.models]
     if needs_weak and not cfg.weak_checkpoint:
         raise ValueError(
@@ -113,40 +61,36 @@ def run(cfg: DictConfig) -> dict:
     tracking_uri = tracking.resolve_tracking_uri(cfg.logger.tracking_uri, root) if cfg.logger.enabled else None
     if tracking_uri:
         tracking.check_tracking_uri(tracking_uri)
-
-    ckpt = find_checkpoint(cfg.checkpoint, Path(cfg.paths.runs_dir), tracking_uri)
-    model, module = load_ema(ckpt, device)
-    models, configs = {"main": model}, {"main": module.config}
-    if needs_weak:
-        weak_ckpt = find_checkpoint(cfg.weak_checkpoint, Path(cfg.paths.runs_dir), tracking_uri)
-        models["weak"], weak_module = load_ema(weak_ckpt, device)
-        check_weak_model(module, weak_module, weak_ckpt)
-        configs["weak"] = weak_module.config
-
-    # Features and reference statistics before any sampling: a missing classifier or
-    # Inception weights file fails now, not after an hour of sampling.
-    from sgexp.eval import build_extractor, reference_stats
-
-    dataset = module.hparams.get("dataset")
-    if not dataset:
-        raise ValueError(f"checkpoint={str(ckpt)!r} is invalid: it does not record its dataset (hparam 'dataset')")
-    data_dir = Path(cfg.paths.data_dir) / dataset
-    name = cfg.extractor
-    if name == "auto":
-        name = "classifier" if (data_dir / "classifier.pt").is_file() else "inception"
-    extractor = build_extractor(name, data_dir, device=device, weights=cfg.inception_weights)
-    reference = reference_stats(extractor, data_dir, cfg.reference_split, device=device)
-
+    # Models, features and reference statistics before any sampling: a missing classifier
+    # or Inception weights file fails now, not after an hour of sampling.
+    evaluator = load_evaluator(cfg, tracking_uri)
+    ckpt = evaluator.checkpoint
     run_dir = run_dir_of(ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
-    rows = _score_all(settings, models, configs, sampler, extractor, reference, cfg, device, out_dir)
+
+    specs = OmegaConf.to_container(cfg.guidance, resolve=True)
+    rows = []
+    with Progress(disable=os.environ.get("RANK", "0") != "0") as progress:
+        for setting in settings:
+            task = progress.add_task(f"{setting.name:>12}", total=cfg.num_samples)
+            rows.append(
+                evaluator.score(
+                    setting.name,
+                    specs[setting.name],
+                    cfg.num_samples,
+                    cfg.seed,
+                    out_dir / f"{setting.name}.png",
+                    cfg.grid_size,
+                    progress=lambda n, task=task: progress.advance(task, n),
+                )
+            )
 
     results = {
         "checkpoint": str(ckpt),
         "step": int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1)),
-        "dataset": dataset,
-        "metric": extractor.label,
+        "dataset": evaluator.dataset,
+        "metric": evaluator.metric,
         "reference_split": cfg.reference_split,
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
@@ -158,34 +102,6 @@ def run(cfg: DictConfig) -> dict:
         results["mlflow_run_id"] = _log_to_mlflow(cfg, results, out_dir, run_dir, tracking_uri, root)
     results["out_dir"] = str(out_dir)
     return results
-
-
-def _score_all(settings, models, configs, sampler, extractor, reference, cfg, device, out_dir) -> list[dict]:
-    from rich.progress import Progress
-
-    rows = []
-    with Progress(disable=os.environ.get("RANK", "0") != "0") as progress:
-        for setting in settings:
-            task = progress.add_task(f"{setting.name:>12}", total=cfg.num_samples)
-            row, grid = score_setting(
-                setting,
-                models,
-                configs,
-                sampler,
-                extractor,
-                reference,
-                cfg.num_samples,
-                cfg.seed,
-                cfg.batch_size,
-                device,
-                grid_size=cfg.grid_size,
-                progress=lambda n, task=task: progress.advance(task, n),
-            )
-            if grid is not None:
-                nrow = min(configs["main"].num_classes, 10, len(grid))
-                row["grid"] = str(save_grid(grid, out_dir / f"{setting.name}.png", nrow=nrow))
-            rows.append(row)
-    return rows
 
 
 def _print_table(results: dict) -> None:

@@ -1,0 +1,95 @@
+"""Map the FID-versus-FLOPs trade-off of a guidance rule with an Optuna study on a trained checkpoint.
+
+    python -m sgexp.sweep --study sparsity_pareto                       # latest checkpoint, sweeps/sparsity_pareto.yaml
+    python -m sgexp.sweep --study cfg_scale --workers 2 --n-trials 20
+    python -m sgexp.sweep --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
+    python -m sgexp.sweep --study sparsity_pareto --report              # report only, from the storage
+
+Re-running a command resumes its study (same storage: ``runs/optuna/<study>.log`` by default). Ends with
+the Pareto table, the report directory and the MLflow parent run. See ``sgexp.sweeps.driver``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import warnings
+from pathlib import Path
+
+from sgexp.sweeps.config import available_studies
+
+
+def parse(argv: list[str] | None = None) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m sgexp.sweep", description=__doc__.split("\n")[0])
+    parser.add_argument("--study", required=True, help=f"a file of sweeps/: {', '.join(available_studies())}")
+    parser.add_argument("--storage", help="journal file or RDB URL (default runs/optuna/<study>.log)")
+    parser.add_argument("--workers", type=int, default=1, help="local worker processes (%(default)s)")
+    parser.add_argument("--n-trials", type=int, help="override n_trials (the budget, baselines included)")
+    parser.add_argument("--samples", type=int, help="override samples_per_trial (screening)")
+    parser.add_argument("--final-samples", type=int, help="override final_samples (Pareto re-evaluation; 0: none)")
+    parser.add_argument("--report", action="store_true", help="only write the report of the stored study")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
+    parser.add_argument("--slurm-array", action="store_true", help="reserved: SLURM job arrays (not implemented)")
+    parser.add_argument(
+        "--tracking-uri", help="MLflow tracking URI (default: logger.tracking_uri, else runs/mlflow.db)"
+    )
+    return parser.parse_args(argv)
+
+
+def overrides(args: argparse.Namespace) -> list[str]:
+    flags = {"n_trials": args.n_trials, "samples_per_trial": args.samples, "final_samples": args.final_samples}
+    return [*args.set, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
+
+
+def _override(items: list[str], key: str) -> str | None:
+    """The last ``key=value`` of the overrides, for --report (which reads no study file)."""
+    values = [item.split("=", 1)[1] for item in items if item.split("=", 1)[0].lstrip("+") == key]
+    return values[-1] if values else None
+
+
+def main(argv: list[str] | None = None) -> dict:
+    import optuna
+    from rich.console import Console
+    from rich.logging import RichHandler
+
+    from sgexp.sweeps import driver
+    from sgexp.sweeps.config import load_study
+    from sgexp.sweeps.progress import LiveProgress, print_summary
+
+    args = parse(argv)
+    if args.slurm_array:
+        raise NotImplementedError(
+            "--slurm-array is reserved for the SLURM launcher (a separate issue): use --workers K on one machine, "
+            "or start this command on several machines with a shared --storage"
+        )
+    console = Console(stderr=True)
+    handler = RichHandler(console=console, show_path=False)
+    logger = logging.getLogger("sgexp")
+    logger.addHandler(handler)
+    logger.setLevel(logging.INFO)
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    try:
+        if args.report:
+            name = _override(args.set, "name") or args.study
+            root = Path(_override(args.set, "paths.root") or ".")
+            runs = Path(_override(args.set, "paths.runs_dir") or root / "runs")
+            storage = args.storage or str(runs.resolve() / "optuna" / f"{name}.log")
+            summary = driver.run_report(name, storage, args.tracking_uri)
+        else:
+            cfg = load_study(args.study, overrides(args))
+            with LiveProgress(console) as progress:
+                summary = driver.run_study(cfg, args.storage, args.workers, args.tracking_uri, progress)
+        print_summary(summary, Console())
+        return summary
+    finally:
+        logger.removeHandler(handler)
+
+
+if __name__ == "__main__":
+    import sys
+
+    try:
+        main()
+    except (ValueError, FileNotFoundError, NotImplementedError) as err:  # bad input: the message says what to do
+        sys.exit(f"error: {err}")

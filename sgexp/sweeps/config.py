@@ -1,0 +1,272 @@
+"""Typed schema of the study files in ``sweeps/`` and their validation.
+
+A study file (``sweeps/<name>.yaml``) pins everything a trial's numbers depend on: the checkpoint, the
+search space, the sampler, the number of samples and their seeds (the same for every trial: common random
+numbers), plus the optimisation budget. ``load_study`` composes it with Hydra's compose API over the schema
+below, so a typo or a wrong type fails naming the key, and then checks that the search space admits only
+valid guidance settings (``ValueError`` before any trial, in the ``name=value is invalid: ...`` format of
+``sgexp.checks``).
+
+Search space, per guidance family (``space.<family>``): ranges for ``scale`` (w), ``gamma_strong`` (γ_s)
+and either ``gamma_weak`` (γ_w, an independent range) or ``gamma_weak_fraction`` (u): with u,
+``γ_w = γ_s + u·(gamma_weak_max − γ_s)``, which guarantees γ_s < γ_w for every sampled point (u > 0), as
+Sparse Guidance requires. Everything not searched is fixed by ``fixed`` (default: w = 1, γ = 0).
+"""
+
+from __future__ import annotations
+
+import itertools
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from hydra.core.config_store import ConfigStore
+from omegaconf import MISSING, DictConfig, OmegaConf
+
+from sgexp.checks import fail
+from sgexp.config import LoggerConfig, PathsConfig, SamplerConfig
+
+if TYPE_CHECKING:
+    import optuna
+
+SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
+OBJECTIVES = ("fid", "gflops_per_sample", "relative_to_cfg", "seconds_per_sample")  # all minimised
+OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2")
+RANGE_KEYS = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
+# What a trial's numbers depend on (``check_resume``): a resumed study must not change them.
+FROZEN_KEYS = ("family", "space", "objectives", "sampler", "samples_per_trial", "seed", "extractor", "reference_split")
+
+
+@dataclass
+class RangeConfig:
+    """A float range ``[low, high]`` (log-uniform with ``log: true``)."""
+
+    low: float = MISSING
+    high: float = MISSING
+    log: bool = False
+
+
+@dataclass
+class FamilySpaceConfig:
+    """The searched parameters of one guidance family; see the module docstring.
+
+    Ranges are ``RangeConfig`` mappings or null, typed ``Any`` because OmegaConf 2.3 cannot merge a mapping
+    into a null structured node (``--set space.sg.gamma_weak={low: 0.1, high: 0.9}`` would crash);
+    ``validate_study`` checks each against ``RangeConfig``.
+    """
+
+    rule: str | None = None  # guidance rule (sgexp.diffusion.guidance.RULES); default: the family's name
+    scale: Any = None  # RangeConfig
+    gamma_strong: Any = None
+    gamma_weak: Any = None
+    gamma_weak_fraction: Any = None  # u in (0, 1]: γ_w = γ_s + u·(gamma_weak_max − γ_s)
+    gamma_weak_max: float = 0.95
+    fixed: dict[str, Any] = field(default_factory=dict)  # other GuidanceSetting fields, e.g. interval
+
+
+@dataclass
+class OptunaConfig:
+    sampler: str = "tpe"  # tpe | gp | nsga2
+    seed: int = 0  # worker k uses seed + k, so parallel workers do not propose the same points
+    n_startup_trials: int = 10  # random trials before the model-based sampler takes over (tpe, gp)
+    population_size: int = 20  # nsga2
+
+
+@dataclass
+class HeartbeatConfig:
+    interval: float = 5.0  # seconds between heartbeats of a running trial
+    timeout: float = 60.0  # a RUNNING trial silent for this long belongs to a dead worker
+
+
+@dataclass
+class StudyConfig:
+    name: str = MISSING  # the Optuna study name (and the MLflow parent run's)
+    description: str = ""
+    checkpoint: str = "latest"  # a .ckpt, a run directory, an MLflow run id, or "latest"
+    weak_checkpoint: str | None = None  # AutoGuidance's weak model (ag, ag_sg)
+    family: list[str] = MISSING  # families searched; several: a categorical "family" param
+    space: dict[str, FamilySpaceConfig] = field(default_factory=dict)
+    objectives: list[str] = field(default_factory=lambda: ["fid", "gflops_per_sample"])
+    sampler: SamplerConfig = field(default_factory=SamplerConfig)
+    n_trials: int = 40  # COMPLETE + FAIL trials (baselines included)
+    samples_per_trial: int = 1000  # screening fidelity
+    final_samples: int = 5000  # re-evaluation of the Pareto set (indices 0..final_samples-1); 0: none
+    seed: int = 0  # sample seeds, the same for every trial
+    optuna: OptunaConfig = field(default_factory=OptunaConfig)
+    baselines: list[dict[str, Any]] = field(default_factory=list)  # GuidanceSetting mappings, enqueued first
+    heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
+    batch_size: int = 250
+    grid_size: int = 100  # samples in each trial's grid
+    extractor: str = "auto"  # auto: the dataset's classifier if trained (domain FID), else inception
+    inception_weights: str | None = None
+    reference_split: str = "val"
+    device: str = "auto"
+    logger: LoggerConfig = field(default_factory=lambda: LoggerConfig(experiment="sgexp-sweeps"))
+    paths: PathsConfig = field(default_factory=PathsConfig)
+
+
+def register_schema(store: ConfigStore | None = None) -> None:
+    """Register ``study_schema``; every study file lists it first in its defaults."""
+    (store or ConfigStore.instance()).store(name="study_schema", node=StudyConfig)
+
+
+def available_studies(sweeps_dir: Path = SWEEPS_DIR) -> list[str]:
+    return sorted(p.stem for p in Path(sweeps_dir).glob("*.yaml"))
+
+
+def load_study(name: str, overrides: Sequence[str] = (), sweeps_dir: Path = SWEEPS_DIR) -> DictConfig:
+    """``sweeps/<name>.yaml`` composed with Hydra ``overrides`` (``key=value``), validated."""
+    from hydra import compose, initialize_config_dir
+
+    studies = available_studies(sweeps_dir)
+    if name not in studies:
+        raise fail("study", name, f"no {Path(sweeps_dir) / (str(name) + '.yaml')}; the studies are {studies}")
+    register_schema()
+    with initialize_config_dir(config_dir=str(Path(sweeps_dir).resolve()), version_base="1.3"):
+        cfg = compose(name, overrides=list(overrides))
+    validate_study(cfg)
+    return cfg
+
+
+# --------------------------------------------------------------------------- validation
+
+
+def _as_range(key: str, value: Any) -> DictConfig:
+    """``value`` checked against ``RangeConfig`` (keys and types), as a DictConfig."""
+    try:
+        r = OmegaConf.merge(OmegaConf.structured(RangeConfig), value)
+        if not OmegaConf.is_missing(r, "low") and not OmegaConf.is_missing(r, "high"):
+            return r
+    except Exception:  # omegaconf: unknown key, wrong type, not a mapping
+        pass
+    raise fail(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value,
+               "a range is {low: NUMBER, high: NUMBER} (and optionally log: true)")  # fmt: skip
+
+
+def _check_range(key: str, r: DictConfig, lo: float, hi: float, hi_open: bool, what: str) -> None:
+    """``lo <= low < high <= hi`` (``< hi`` when ``hi_open``), finite, positive when log-uniform."""
+    low, high = float(r.low), float(r.high)
+    bad_hi = high >= hi if hi_open else high > hi
+    if not (math.isfinite(low) and math.isfinite(high)) or low < lo or bad_hi:
+        bound = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
+        raise fail(key, dict(low=low, high=high), f"{what}: low and high must lie in {bound}")
+    if low >= high:
+        raise fail(key, dict(low=low, high=high), "needs low < high (fix a value with `fixed` instead)")
+    if r.log and low <= 0:
+        raise fail(key, dict(low=low, high=high, log=True), "a log-uniform range needs low > 0")
+
+
+def _check_family(prefix: str, name: str, fam: DictConfig, weak_checkpoint: str | None) -> None:
+    from sgexp.diffusion.guidance import RULES
+
+    rule = fam.rule or name
+    if rule not in RULES:
+        raise fail(f"{prefix}.rule", rule, f"must be one of {list(RULES)} (set `rule` if the family name is not one)")
+    for key in RANGE_KEYS:
+        if fam[key] is not None:
+            fam[key] = _as_range(f"{prefix}.{key}", fam[key])
+    searched = [k for k in RANGE_KEYS if fam[k] is not None]
+    if not searched:
+        raise fail(prefix, name, f"searches nothing: give at least one range of {list(RANGE_KEYS)}")
+    clash = sorted((set(searched) | {"rule"}) & set(fam.fixed))
+    if clash:
+        raise fail(f"{prefix}.fixed", dict(fam.fixed), f"keys {clash} are searched or set by `rule`")
+    if fam.scale is not None:
+        _check_range(f"{prefix}.scale", fam.scale, 1.0, math.inf, False, "guidance scale w >= 1")
+    for key in ("gamma_strong", "gamma_weak"):
+        if fam[key] is not None:
+            _check_range(f"{prefix}.{key}", fam[key], 0.0, 1.0, True, "sparsity γ")
+    if rule == "cfg" and ({"gamma_strong", "gamma_weak", "gamma_weak_fraction"} & set(searched)):
+        raise fail(f"{prefix}", name, "plain CFG runs dense passes: search γ with the cfg_sg rule instead")
+    if fam.gamma_weak_fraction is not None:
+        if fam.gamma_weak is not None:
+            raise fail(f"{prefix}.gamma_weak_fraction", "set", "give gamma_weak or gamma_weak_fraction, not both")
+        _check_range(f"{prefix}.gamma_weak_fraction", fam.gamma_weak_fraction, 0.0, 1.0, False, "fraction u")
+        if fam.gamma_weak_fraction.low <= 0:
+            raise fail(f"{prefix}.gamma_weak_fraction.low", fam.gamma_weak_fraction.low, "u > 0 keeps γ_s < γ_w")
+        gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
+        if not gs_max < fam.gamma_weak_max < 1.0:
+            raise fail(f"{prefix}.gamma_weak_max", fam.gamma_weak_max, f"must lie in (max γ_s = {gs_max:g}, 1)")
+    elif rule in ("sg", "ag_sg") and fam.gamma_weak is not None:
+        gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
+        if fam.gamma_weak.low <= gs_max:
+            raise fail(
+                f"{prefix}.gamma_weak.low",
+                fam.gamma_weak.low,
+                f"admits γ_w <= γ_s (γ_s up to {gs_max:g}); SG needs γ_s < γ_w: use gamma_weak_fraction",
+            )
+    if rule in ("ag", "ag_sg") and not weak_checkpoint:
+        raise fail("weak_checkpoint", weak_checkpoint, f"family {name!r} (AutoGuidance) needs a weak checkpoint")
+
+
+def corner_settings(family: str, fam: DictConfig) -> list[dict]:
+    """Guidance settings at every corner of a family's box: all valid iff the whole box is (monotone maps)."""
+    from sgexp.sweeps.space import FamilySpace
+
+    space = FamilySpace.from_config(family, fam)
+    corners = itertools.product(*[(d.low, d.high) for d in space.ranges.values()])
+    return [space.setting(dict(zip(space.ranges, corner, strict=True))) for corner in corners]
+
+
+def validate_study(cfg: DictConfig) -> None:
+    """Every check that needs no checkpoint; raises ``ValueError`` naming the bad key."""
+    from sgexp.lit.eval_callback import make_settings
+
+    if not cfg.family:
+        raise fail("family", list(cfg.family), "name at least one family of `space`")
+    for name in cfg.family:
+        if name not in cfg.space:
+            raise fail("family", list(cfg.family), f"{name!r} has no entry in space (has {sorted(cfg.space)})")
+        _check_family(f"space.{name}", name, cfg.space[name], cfg.weak_checkpoint)
+        for i, setting in enumerate(corner_settings(name, cfg.space[name])):
+            make_settings({f"space.{name}.corner{i}": setting})  # a bad corner fails here, named
+    objectives = list(cfg.objectives)
+    if len(objectives) != 2 or len(set(objectives)) != 2 or not set(objectives) <= set(OBJECTIVES):
+        raise fail("objectives", objectives, f"two distinct minimised metrics of {list(OBJECTIVES)}")
+    if cfg.optuna.sampler not in OPTUNA_SAMPLERS:
+        raise fail("optuna.sampler", cfg.optuna.sampler, f"must be one of {list(OPTUNA_SAMPLERS)}")
+    for key, least in (("n_trials", 1), ("samples_per_trial", 1), ("batch_size", 1), ("optuna.population_size", 2)):
+        if OmegaConf.select(cfg, key) < least:
+            raise fail(key, OmegaConf.select(cfg, key), f"must be >= {least}")
+    if cfg.final_samples and cfg.final_samples <= cfg.samples_per_trial:
+        raise fail("final_samples", cfg.final_samples, f"must be 0 (no re-evaluation) or > {cfg.samples_per_trial}")
+    if cfg.final_samples < 0 or cfg.grid_size < 0 or cfg.optuna.n_startup_trials < 0:
+        raise fail("final_samples/grid_size/n_startup_trials", "negative", "must be >= 0")
+    if not 0 < cfg.heartbeat.interval <= cfg.heartbeat.timeout / 2:
+        raise fail("heartbeat.interval", cfg.heartbeat.interval, "must be in (0, heartbeat.timeout / 2]")
+    baselines = {f"baselines[{i}]": b for i, b in enumerate(OmegaConf.to_container(cfg.baselines))}
+    settings = make_settings(baselines)  # a bad baseline fails before any trial, named
+    if any("weak" in s.rule.models for s in settings) and not cfg.weak_checkpoint:
+        raise fail("weak_checkpoint", None, "a baseline uses AutoGuidance, which needs a weak checkpoint")
+
+
+# --------------------------------------------------------------------------- resuming
+
+
+def frozen_config(cfg: DictConfig | dict) -> dict:
+    plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
+    return {k: plain.get(k) for k in FROZEN_KEYS}
+
+
+def check_resume(study: optuna.Study, cfg: DictConfig, checkpoint: Path) -> None:
+    """A resumed study must keep what its trials' numbers depend on (the budget may change)."""
+    if len(study.directions) != 2:
+        raise fail("study", study.study_name, f"has {len(study.directions)} objectives in this storage, not 2")
+    old_ckpt, old = study.user_attrs.get("checkpoint"), study.user_attrs.get("config")
+    if old_ckpt is not None and old_ckpt != str(checkpoint):
+        raise fail(
+            "checkpoint", str(checkpoint),
+            f"study {study.study_name!r} in this storage was run on {old_ckpt}: resume with --set "
+            f"checkpoint={old_ckpt}, or start a new study (--set name=NEW or another --storage)",
+        )  # fmt: skip
+    if old is not None:
+        before, now = frozen_config(old), frozen_config(cfg)
+        changed = {k: (before[k], now[k]) for k in FROZEN_KEYS if before[k] != now[k]}
+        if changed:
+            raise fail(
+                "study", study.study_name,
+                f"resuming with changed {sorted(changed)} (stored, new: {changed}) would mix incomparable "
+                "trials: keep them, or start a new study (--set name=NEW or another --storage)",
+            )  # fmt: skip

@@ -1,0 +1,395 @@
+"""Run an Optuna study of guidance settings on a trained checkpoint: storage, workers, heartbeat, fidelity.
+
+Each trial scores one guidance setting with ``sgexp.eval.sampling.score_setting`` on sample indices
+``0..samples_per_trial-1`` with the study's seed, so every trial sees the same noise, labels and routing
+masks (common random numbers) and FID differences are differences between settings.
+``trial.values = [FID, GFLOPs/sample]`` (screening fidelity), both minimised. When the budget is met the
+Pareto set is re-scored with ``final_samples`` on indices ``0..final_samples-1`` (the screening samples
+are its first ones).
+
+Storage, heartbeat and budget: see ``sgexp.sweeps.storage``. Re-running a command resumes: the study is
+loaded, no finished trial is redone and baselines are enqueued only the first time; a resume that changes
+what the numbers depend on (checkpoint, space, samples, seed, ...; see ``config.check_resume``) is refused.
+
+Workers: with one worker the driving process runs the trials itself; ``--workers K`` starts K spawned
+processes on the same storage (each with ``cores // K`` torch threads) while the driver only watches.
+Each loads the model, extractor and reference statistics once (``sgexp.sweeps.resources``), then loops
+ask -> score -> tell until the budget is met. ``study.ask`` pops an enqueued trial for exactly one worker,
+so none is evaluated twice.
+
+Optuna refuses attributes on finished trials, so the re-evaluation results live in the study attribute
+``final/<trial number>``; ``final_view`` returns an in-memory copy of the study whose trials carry them
+as ``fid_final``, ``precision_final``, ... (the trial record of ``sgexp.sweeps.report``).
+
+MLflow: one parent run per study (its id in the study attribute ``mlflow_parent_run_id``, shared by all
+workers and resumes) and one nested child run per trial. The default sqlite store takes a few local
+writers; clusters with many workers should use an MLflow server (``--tracking-uri http://...``).
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import os
+import socket
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig, OmegaConf
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.trial import TrialState
+
+from sgexp import tracking
+from sgexp.checks import fail
+from sgexp.eval.evaluator import Evaluator, load_evaluator
+from sgexp.sweeps.config import check_resume
+from sgexp.sweeps.resources import Tracker
+from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting
+from sgexp.sweeps.storage import (
+    INTERRUPTED,
+    STALE,
+    Heartbeat,
+    counts,
+    default_storage,
+    open_storage,
+    reap_stale,
+    release,
+)  # fmt: skip
+
+log = logging.getLogger("sgexp.sweeps.driver")
+
+METRICS = ("fid", "precision", "recall", "class_accuracy")
+RECORDED = (*METRICS, "gflops_per_sample", "relative_to_cfg", "seconds_per_sample", "num_samples")
+
+
+# --------------------------------------------------------------------------- trials
+
+
+@dataclass
+class Worker:
+    """One worker's view of the study: what it needs to run trials."""
+
+    cfg: DictConfig
+    study: optuna.Study
+    space: SearchSpace
+    evaluator: Evaluator
+    tracker: Tracker | None
+    out_dir: Path
+    name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # "worker" attr
+
+    def loop(self, on_trial=None) -> int:
+        """ask -> score -> tell until ``n_trials`` trials are finished; returns how many this worker ran."""
+        cfg, ran = self.cfg, 0
+        while True:
+            for t in reap_stale(self.study, cfg.heartbeat.timeout):
+                if self.tracker is not None:
+                    self.tracker.end_child(t.user_attrs.get("mlflow_run_id"), "FAILED", STALE)
+            n = counts(self.study)
+            if n["done"] >= cfg.n_trials:
+                return ran
+            if n["done"] + n["running"] >= cfg.n_trials:  # others are finishing the budget (or died)
+                time.sleep(cfg.heartbeat.interval)
+                continue
+            self.run_trial(self.study.ask())
+            ran += 1
+            if on_trial is not None:
+                on_trial(self.study)
+
+    def run_trial(self, trial: optuna.Trial) -> None:
+        cfg, study = self.cfg, self.study
+        try:
+            with Heartbeat(study._storage, trial._trial_id, cfg.heartbeat.interval):
+                values = self._evaluate(trial)
+        except Exception as err:
+            reason = f"{type(err).__name__}: {err}"[:2000]
+            log.warning("trial %d failed: %s", trial.number, reason)
+            if self.tracker is not None:
+                self.tracker.end_child(trial.user_attrs.get("mlflow_run_id"), "FAILED", reason)
+            try:
+                trial.set_user_attr("fail_reason", reason)
+                study.tell(trial, state=TrialState.FAIL)
+            except (UpdateFinishedTrialError, ValueError):
+                log.error("trial %d was already failed by another worker (stale heartbeat)", trial.number)
+            return
+        except BaseException:  # Ctrl-C, SystemExit: hand the trial back now instead of after the timeout
+            release(study, study._storage.get_trial(trial._trial_id), INTERRUPTED)
+            raise
+        try:
+            study.tell(trial, values)
+        except (UpdateFinishedTrialError, ValueError):
+            log.error(
+                "trial %d finished after another worker had failed it as stale (heartbeat.timeout %g s too "
+                "short?): its result is discarded and the retry evaluates it again",
+                trial.number, cfg.heartbeat.timeout,
+            )  # fmt: skip
+
+    def _evaluate(self, trial: optuna.Trial) -> list[float]:
+        cfg, enqueued = self.cfg, dict(trial.user_attrs)
+        family, setting = self.space.suggest(trial) if enqueued.get("in_space", True) else (None, None)
+        family = enqueued.get("family", family)
+        setting = normalise_setting(enqueued.get("setting", setting))
+        attrs = {"family": family, "baseline": bool(enqueued.get("baseline", False)), "setting": setting}
+        attrs.update(describe(setting), worker=self.name, seed=cfg.seed)
+        for key, value in attrs.items():
+            trial.set_user_attr(key, value)
+        if self.tracker is not None:
+            trial.set_user_attr("mlflow_run_id", self.tracker.start_child(trial.number, family, setting))
+        grid = self.out_dir / "trials" / f"trial-{trial.number:04d}.png" if cfg.grid_size else None
+        row = self.evaluator.score(
+            f"trial-{trial.number}", setting, cfg.samples_per_trial, cfg.seed, grid, cfg.grid_size
+        )
+        if not math.isfinite(row.get("fid", math.nan)):
+            raise FloatingPointError(f"non-finite FID {row.get('fid')!r} for {setting}")
+        recorded = {k: int(row[k]) if k == "num_samples" else float(row[k]) for k in RECORDED if k in row}
+        for key, value in {**recorded, "grid": row.get("grid")}.items():
+            trial.set_user_attr(key, value)
+        if self.tracker is not None:
+            self.tracker.end_child(trial.user_attrs.get("mlflow_run_id"), "FINISHED", None, recorded, row.get("grid"))
+        log.info(
+            "trial %d %s w=%.3g γs=%.3g γw=%.3g: FID %.2f, %.4g GFLOPs/sample",
+            trial.number, family, attrs["scale"], attrs["gamma_strong"], attrs["gamma_weak"], row["fid"],
+            row["gflops_per_sample"],
+        )  # fmt: skip
+        return [float(row[o]) for o in cfg.objectives]
+
+
+# --------------------------------------------------------------------------- fidelity
+
+
+def reevaluate_pareto(
+    study: optuna.Study, cfg: DictConfig, evaluator: Evaluator, tracker: Tracker | None = None
+) -> list[int]:
+    """Score every Pareto trial without a final result on ``final_samples`` samples; returns their numbers."""
+    from sgexp.sweeps.report import pareto_trials
+
+    if not cfg.final_samples:
+        return []
+    done = []
+    for trial in pareto_trials(study):
+        if f"final/{trial.number}" in study.user_attrs:
+            continue
+        setting = trial.user_attrs["setting"]
+        row = evaluator.score(f"trial-{trial.number}-final", setting, cfg.final_samples, cfg.seed, None, 0)
+        final = {f"{k}_final": float(row[k]) for k in METRICS if k in row}
+        final["num_samples_final"] = int(row["num_samples"])
+        study.set_user_attr(f"final/{trial.number}", final)
+        if tracker is not None:
+            tracker.log_metrics(trial.user_attrs.get("mlflow_run_id"), final)
+        log.info("trial %d re-evaluated on %d samples: FID %.2f", trial.number, cfg.final_samples, row["fid"])
+        done.append(trial.number)
+    return done
+
+
+def final_view(study: optuna.Study) -> optuna.Study:
+    """An in-memory copy of ``study`` whose trials carry their ``*_final`` attributes (same numbers)."""
+    view = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    finals = {k: v for k, v in study.user_attrs.items() if k.startswith("final/")}
+    for key, value in study.user_attrs.items():
+        if not key.startswith("final/"):
+            view.set_user_attr(key, value)
+    for trial in study.get_trials(deepcopy=True):
+        trial.user_attrs = {**trial.user_attrs, **finals.get(f"final/{trial.number}", {})}
+        view.add_trial(trial)
+    return view
+
+
+# --------------------------------------------------------------------------- a study, start to end
+
+
+@dataclass
+class Session:
+    """Everything a study run holds: returned by ``start`` and consumed by ``finish``."""
+
+    cfg: DictConfig
+    study: optuna.Study
+    storage_url: str
+    tracking_uri: str | None
+    tracker: Tracker | None
+    evaluator: Evaluator | None
+    out_dir: Path
+
+
+def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | None = None) -> Session:
+    """Check everything (storage, tracking, checkpoint, extractor), then create or resume the study."""
+    cfg.paths.root = str(Path(cfg.paths.root).resolve())
+    storage_url = storage_url or default_storage(cfg)
+    storage = open_storage(storage_url)
+    if cfg.logger.enabled:
+        tracking_uri = tracking.resolve_tracking_uri(tracking_uri or cfg.logger.tracking_uri, Path(cfg.paths.root))
+        tracking.check_tracking_uri(tracking_uri)
+    else:
+        tracking_uri = None
+    evaluator = load_evaluator(cfg, tracking_uri)
+    space = SearchSpace(cfg)
+    study = optuna.create_study(
+        storage=storage, study_name=cfg.name, directions=["minimize", "minimize"], sampler=make_sampler(cfg),
+        load_if_exists=True,
+    )  # fmt: skip
+    check_resume(study, cfg, evaluator.checkpoint)
+    attrs = {
+        "config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(evaluator.checkpoint),
+        "metric": evaluator.metric, "samples_per_trial": cfg.samples_per_trial, "final_samples": cfg.final_samples,
+        "storage": storage_url, "tracking_uri": tracking_uri,
+    }  # fmt: skip
+    for key, value in attrs.items():
+        study.set_user_attr(key, value)
+    tracker = None
+    if tracking_uri:
+        space_desc = {k: repr(d) for k, d in space.distributions().items()}
+        extra = {"checkpoint": str(evaluator.checkpoint), "storage": storage_url, "search_space": space_desc}
+        tracker = Tracker.open_parent(study, cfg, tracking_uri, extra)
+    enqueue_baselines(study, cfg, space)
+    out_dir = Path(cfg.paths.runs_dir).resolve() / "sweeps" / cfg.name
+    return Session(cfg, study, storage_url, tracking_uri, tracker, evaluator, out_dir)
+
+
+def run_study(
+    cfg: DictConfig, storage_url: str | None = None, workers: int = 1, tracking_uri: str | None = None, progress=None
+) -> dict:
+    """Run (or resume) the study until its budget is met, re-score the Pareto set, write the report.
+
+    ``progress(study)`` is called after each trial (one worker) or every second (several).
+    """
+    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
+        raise fail("workers", workers, "must be an integer >= 1")
+    session = start(cfg, storage_url, tracking_uri)
+    try:
+        if workers == 1:
+            space = SearchSpace(session.cfg)
+            worker = Worker(session.cfg, session.study, space, session.evaluator, session.tracker, session.out_dir)
+            worker.loop(progress)
+        else:
+            run_workers(session, workers, progress)
+    except BaseException:  # Ctrl-C or a crash: the parent run says so (a resume sets it RUNNING again)
+        if session.tracker is not None:
+            session.tracker.end_parent("KILLED")
+        raise
+    n = counts(session.study)
+    if n["done"] < cfg.n_trials:
+        raise RuntimeError(
+            f"study {cfg.name}: only {n['done']} of {cfg.n_trials} trials finished (workers died?): see "
+            f"{session.out_dir / 'workers'}; re-run the same command to resume"
+        )
+    return finish(session)
+
+
+def run_workers(session: Session, workers: int, progress=None) -> None:
+    """K spawned worker processes on the study's storage; the calling process only watches."""
+    import multiprocessing
+
+    plain = OmegaConf.to_container(session.cfg, resolve=True)
+    logs = session.out_dir / "workers"
+    logs.mkdir(parents=True, exist_ok=True)
+    context = multiprocessing.get_context("spawn")  # fork would copy torch's threads and locks
+    procs = [
+        context.Process(
+            target=worker_main,
+            args=(plain, session.storage_url, session.tracking_uri, k, workers, os.getpid(), str(logs / f"{k}.log")),
+            name=f"sgexp-sweep-worker-{k}",
+        )
+        for k in range(workers)
+    ]
+    for p in procs:
+        p.start()
+    try:
+        while any(p.is_alive() for p in procs):
+            if progress is not None:
+                progress(session.study)
+            time.sleep(1.0)
+    finally:
+        for p in procs:
+            p.join(timeout=30)
+            if p.is_alive():
+                p.terminate()
+    for k, p in enumerate(procs):
+        if p.exitcode != 0:
+            log.error("worker %d exited with code %s: see %s", k, p.exitcode, logs / f"{k}.log")
+
+
+def worker_main(
+    plain_cfg: dict, storage_url: str, tracking_uri: str | None, k: int, workers: int, parent: int, log_file: str
+) -> None:
+    """Entry of a spawned worker: log to ``log_file``, load once, loop; exits if the driver dies."""
+    import warnings
+
+    import torch
+
+    logging.basicConfig(
+        filename=log_file, level=logging.INFO, force=True, format=f"%(asctime)s worker {k} %(name)s: %(message)s"
+    )
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
+    threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
+    torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # K workers share the cores
+    cfg = OmegaConf.create(plain_cfg)
+    evaluator = load_evaluator(cfg, tracking_uri)
+    study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage_url), sampler=make_sampler(cfg, k))
+    parent_run = study.user_attrs.get("mlflow_parent_run_id")
+    tracker = Tracker(tracking_uri, parent_run, cfg.name) if tracking_uri and parent_run else None
+    out_dir = Path(cfg.paths.runs_dir) / "sweeps" / cfg.name
+    ran = Worker(cfg, study, SearchSpace(cfg), evaluator, tracker, out_dir).loop()
+    log.info("done: %d trials", ran)
+
+
+def _exit_with_parent(parent: int) -> None:
+    """A SIGKILLed driver cannot stop its workers: they notice that they were re-parented and exit."""
+    while os.getppid() == parent:
+        time.sleep(1.0)
+    os._exit(3)
+
+
+def finish(session: Session) -> dict:
+    """Re-score the Pareto set (if an evaluator is loaded), write the report, end the parent run."""
+    from sgexp.sweeps.report import pareto_table, write_report
+
+    study, cfg = session.study, session.cfg
+    if session.evaluator is not None:
+        reevaluate_pareto(study, cfg, session.evaluator, session.tracker)
+    view = final_view(study)
+    report_dir = session.out_dir / "report"
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    files = write_report(view, report_dir, session.tracking_uri if session.tracker else None, parent)
+    if session.tracker is not None:
+        session.tracker.end_parent()
+    return {
+        "study": study.study_name, "storage": session.storage_url, "view": view, "pareto": pareto_table(view),
+        "report": files, "report_dir": report_dir, "mlflow_parent_run_id": parent,
+        "tracking_uri": session.tracking_uri, "counts": counts(study), "metric": study.user_attrs.get("metric"),
+    }  # fmt: skip
+
+
+def run_report(name: str, storage_url: str, tracking_uri: str | None = None, reevaluate: bool = True) -> dict:
+    """Report of an existing study from its storage alone; re-scores missing finals if the checkpoint is here."""
+    from sgexp.sweeps.report import pareto_trials
+
+    if "://" not in storage_url and not Path(storage_url).expanduser().is_file():
+        raise fail("storage", storage_url, "no such journal file (pass the study's --storage)")
+    storage = open_storage(storage_url)
+    try:
+        study = optuna.load_study(study_name=name, storage=storage)
+    except KeyError:
+        names = optuna.get_all_study_names(storage)
+        raise fail("study", name, f"is not in {storage_url}, which holds {names}") from None
+    if "config" not in study.user_attrs:
+        raise fail("study", name, "has no stored config: was it made by sgexp.sweep?")
+    cfg = OmegaConf.create(study.user_attrs["config"])
+    tracking_uri = tracking_uri or study.user_attrs.get("tracking_uri")
+    parent = study.user_attrs.get("mlflow_parent_run_id")
+    tracker = None
+    if tracking_uri and parent:
+        try:
+            tracker = Tracker(tracking_uri, parent, name)
+        except RuntimeError as err:  # e.g. the study's sqlite store is on another machine
+            log.warning("report not logged to MLflow: %s", err)
+    evaluator = None
+    missing = [t for t in pareto_trials(study) if f"final/{t.number}" not in study.user_attrs]
+    if reevaluate and cfg.final_samples and missing:
+        try:
+            evaluator = load_evaluator(cfg, tracking_uri)
+        except (OSError, ValueError, RuntimeError) as err:
+            log.warning("Pareto set not re-evaluated here (%s): the report has screening FIDs only", err)
+    out_dir = Path(cfg.paths.runs_dir) / "sweeps" / name
+    return finish(Session(cfg, study, storage_url, tracking_uri, tracker, evaluator, out_dir))

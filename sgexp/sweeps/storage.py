@@ -1,0 +1,143 @@
+"""The study's storage and the protocol every worker follows on it: heartbeats, stale trials, budget.
+
+Storage: an Optuna ``JournalStorage`` on a file (``runs/optuna/<study>.log`` by default; the O_EXCL
+``JournalFileOpenLock`` works on NFS v3+, no server) or any RDB URL (``sqlite:///...``, ``postgresql://...``).
+
+Heartbeat: JournalStorage has no Optuna heartbeat, so (for every storage alike) a daemon thread per running
+trial writes ``time.time()`` to the trial's user attribute ``heartbeat`` every ``heartbeat.interval``
+seconds. Before asking, a worker fails every RUNNING trial silent for ``heartbeat.timeout`` seconds
+("worker died (stale heartbeat)", attribute ``requeued``) and enqueues its parameters again. Only the
+worker whose FAIL is recorded first enqueues (the storage refuses to finish a trial twice), so a dead trial
+is retried exactly once. Worker clocks must agree to well within the timeout (NTP).
+
+Budget: COMPLETE and FAIL trials count toward ``n_trials`` (requeued FAILs do not: they run again), and so
+do RUNNING ones, so K workers overshoot by at most K-1.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+import time
+from pathlib import Path
+
+import optuna
+from omegaconf import DictConfig
+from optuna.exceptions import UpdateFinishedTrialError
+from optuna.storages import BaseStorage
+from optuna.trial import FrozenTrial, TrialState
+
+from sgexp.checks import fail
+
+log = logging.getLogger("sgexp.sweeps.storage")
+
+HEARTBEAT = "heartbeat"
+STALE = "worker died (stale heartbeat)"
+INTERRUPTED = "interrupted (the worker was stopped)"
+REQUEUE_ATTRS = ("family", "baseline", "setting", "in_space")
+
+
+# --------------------------------------------------------------------------- storage
+
+
+def default_storage(cfg: DictConfig) -> str:
+    return str(Path(cfg.paths.runs_dir).resolve() / "optuna" / f"{cfg.name}.log")
+
+
+def open_storage(url: str) -> BaseStorage:
+    """A journal file path, or an RDB URL (``sqlite:///...``, ``postgresql://...``); fails now if unusable."""
+    if "://" in url:
+        try:
+            if url.startswith("sqlite:///") and url[len("sqlite:///") :] not in ("", ":memory:"):
+                Path(url[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
+            return optuna.storages.RDBStorage(url)
+        except Exception as err:  # sqlalchemy: unknown dialect, unreachable server, bad path
+            raise fail("storage", url, f"cannot open this database URL ({type(err).__name__}: {err})") from None
+    path = Path(url).expanduser().resolve()
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
+            raise PermissionError(f"{path} is not writable")
+        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+    except OSError as err:
+        raise fail("storage", url, f"cannot open the journal file ({type(err).__name__}: {err})") from None
+
+
+# --------------------------------------------------------------------------- heartbeat and budget
+
+
+class Heartbeat:
+    """Writes ``time.time()`` to a running trial's ``heartbeat`` attribute every ``interval`` s (daemon thread)."""
+
+    def __init__(self, storage: BaseStorage, trial_id: int, interval: float):
+        self.storage, self.trial_id, self.interval = storage, trial_id, interval
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"sgexp-heartbeat-{trial_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT, time.time())
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        while not self._stop.wait(self.interval):
+            try:
+                self.storage.set_trial_user_attr(self.trial_id, HEARTBEAT, time.time())
+            except UpdateFinishedTrialError:
+                return  # finished (by this worker, or failed as stale by another)
+            except Exception as err:  # a storage hiccup must not kill the trial; the next beat retries
+                log.warning("heartbeat of trial id %d failed: %s", self.trial_id, err)
+
+
+def last_beat(trial: FrozenTrial) -> float:
+    """When a running trial last showed life: its heartbeat, or its start before the first beat."""
+    started = trial.datetime_start.timestamp() if trial.datetime_start else 0.0
+    return max(float(trial.user_attrs.get(HEARTBEAT, 0.0)), started)
+
+
+def release(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
+    """Fail a RUNNING trial and enqueue its parameters again; False if it was already finished.
+
+    The FAIL is the claim: the storage refuses to finish a trial twice, so of several workers releasing
+    the same trial only one enqueues it.
+    """
+    try:
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
+        study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
+        study.tell(trial.number, state=TrialState.FAIL)
+    except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
+        return False
+    attrs = {k: trial.user_attrs[k] for k in REQUEUE_ATTRS if k in trial.user_attrs}
+    study.enqueue_trial(dict(trial.params), user_attrs={**attrs, "retry_of": trial.number})
+    log.warning("trial %d: %s; its parameters are enqueued again", trial.number, reason)
+    return True
+
+
+def reap_stale(study: optuna.Study, timeout: float) -> list[FrozenTrial]:
+    """Release every RUNNING trial without a heartbeat for ``timeout`` seconds; returns those released."""
+    now = time.time()
+    stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if now - last_beat(t) > timeout]
+    return [t for t in stale if release(study, t, STALE)]
+
+
+def is_counted_fail(trial: FrozenTrial) -> bool:
+    """A FAIL of the trial itself; a requeued FAIL (dead worker) is not: its parameters run again."""
+    return trial.state == TrialState.FAIL and not trial.user_attrs.get("requeued", False)
+
+
+def counts(study: optuna.Study) -> dict[str, int]:
+    """``done`` (COMPLETE + FAIL, requeued FAILs excluded: they run again), ``running``, ``waiting``."""
+    trials = study.get_trials(deepcopy=False)
+    return {
+        "done": sum(t.state == TrialState.COMPLETE or is_counted_fail(t) for t in trials),
+        "running": sum(t.state == TrialState.RUNNING for t in trials),
+        "waiting": sum(t.state == TrialState.WAITING for t in trials),
+        "complete": sum(t.state == TrialState.COMPLETE for t in trials),
+    }

@@ -1,0 +1,331 @@
+"""``python -m sgexp.sweep`` on a real (tiny) digits checkpoint: the study runs to its budget, resumes after
+a SIGKILL, shares its storage between workers, survives failing trials and refuses bad input before any
+trial. Real Optuna journal files, real MLflow sqlite stores, real sampling and FID."""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import optuna
+import pytest
+import torch
+from conftest import ROOT, compose_train, digits_run
+from mlflow.tracking import MlflowClient
+from optuna.search_space import intersection_search_space
+from optuna.trial import TrialState
+
+from sgexp import sweep
+from sgexp.data import ensure_prepared
+from sgexp.eval import evaluator, train_classifier
+from sgexp.sweeps.config import load_study
+from sgexp.sweeps.space import InSpaceSampler, SearchSpace, make_sampler
+from sgexp.sweeps.storage import STALE, Heartbeat, counts, last_beat, open_storage, reap_stale, release
+from sgexp.train import run as train
+
+REPORT_FILES = {"pareto.png", "pareto.html", "pareto.csv", "summary.json"}
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_torch_thread():
+    """Two torch threads on two cores that something else also uses run ~40x slower than one (spin-waits)."""
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(before)
+
+
+@pytest.fixture(scope="module")
+def trained(tmp_path_factory):
+    """A digits model trained for a few steps, a (barely trained) digits classifier for domain FID, and the
+    MLflow store every study of this module shares (created once: its migrations take seconds)."""
+    tmp = tmp_path_factory.mktemp("sweep")
+    shards = tmp / "shards"
+    train_classifier(ensure_prepared("digits", shards), epochs=1)
+    result = train(
+        compose_train(digits_run(tmp, shards, "trainer.max_steps=4", "callbacks.guided_eval.num_samples=10"))
+    )
+    return shards, result, f"sqlite:///{tmp / 'mlflow.db'}"
+
+
+def cli_args(trained, tmp: Path, *extra: str, n_trials: int = 9, samples: int = 24, steps: int = 3) -> list[str]:
+    """A tiny sparsity_pareto study (6 baselines + sampled SG points) in ``tmp``."""
+    shards, result, tracking_uri = trained
+    sets = [
+        f"checkpoint={result.checkpoint}", f"paths.root={ROOT}", f"paths.data_dir={shards}",
+        f"paths.runs_dir={tmp / 'runs'}", f"sampler.steps={steps}", "batch_size=48", "grid_size=10",
+        "optuna.n_startup_trials=2", "heartbeat.interval=0.5", "heartbeat.timeout=3",
+    ]  # fmt: skip
+    args = ["--study", "sparsity_pareto", "--storage", str(tmp / "study.log")]
+    args += ["--tracking-uri", tracking_uri, "--n-trials", str(n_trials)]
+    args += ["--samples", str(samples), "--final-samples", str(2 * samples)]
+    for item in sets:
+        args += ["--set", item]
+    return [*args, *extra]
+
+
+def load(tmp: Path, name: str = "sparsity_pareto") -> optuna.Study:
+    return optuna.load_study(study_name=name, storage=open_storage(str(tmp / "study.log")))
+
+
+def key(trial) -> str:
+    return json.dumps(trial.user_attrs["setting"], sort_keys=True)
+
+
+def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, capsys):
+    summary = sweep.main(cli_args(trained, tmp_path))
+    study = load(tmp_path)
+    trials = study.trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 9
+    # Baselines first: unguided and CFG as fixed points (no params), SG(0.5, 0.9) inside the space.
+    baselines = [t for t in trials if t.user_attrs["baseline"]]
+    assert [t.number for t in baselines] == list(range(6))
+    assert [(t.user_attrs["family"], t.user_attrs["scale"]) for t in baselines] == [
+        ("none", 1.0), ("cfg", 1.5), ("cfg", 2.0), ("cfg", 3.0), ("sg", 1.5), ("sg", 5.0)
+    ]  # fmt: skip
+    assert all(not t.params for t in baselines[:4]) and all(t.params for t in baselines[4:])
+    for t in trials:
+        a = t.user_attrs
+        assert t.values == [a["fid"], a["gflops_per_sample"]] and math.isfinite(a["fid"])
+        assert a["seed"] == 0 and a["num_samples"] == 24  # the same samples for every trial
+        assert Path(a["grid"]).is_file() and a["worker"].endswith(f":{os.getpid()}")
+        if a["family"] == "sg":
+            assert 0 <= a["gamma_strong"] < a["gamma_weak"] <= 0.95 and 1 <= a["scale"] <= 8
+        if t.params:  # γ_w is recorded, u is what was sampled
+            gs, u = t.params["gamma_strong"], t.params["gamma_weak_fraction"]
+            assert a["gamma_weak"] == pytest.approx(gs + u * (0.95 - gs))
+    assert {a.user_attrs["family"] for a in trials[6:]} == {"sg"}
+    assert study.user_attrs["samples_per_trial"] == 24 and "domain FID" in study.user_attrs["metric"]
+
+    # The Pareto set was re-scored on 48 samples; the view carries the *_final attributes.
+    from sgexp.sweeps.report import pareto_trials
+
+    front = pareto_trials(summary["view"])
+    assert front and all(t.user_attrs["num_samples_final"] == 48 for t in front)
+    assert all(math.isfinite(t.user_attrs["fid_final"]) for t in front)
+    assert {t.number for t in front} == {int(k.split("/")[1]) for k in study.user_attrs if k.startswith("final/")}
+
+    # MLflow: the parent run, one child per trial tagged with it, the report among the parent's artifacts.
+    client = MlflowClient(trained[2])
+    parent = client.get_run(study.user_attrs["mlflow_parent_run_id"])
+    assert parent.info.run_name == "sparsity_pareto" and parent.info.status == "FINISHED"
+    children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
+    child = client.get_run(trials[5].user_attrs["mlflow_run_id"])
+    assert child.data.metrics["fid"] == pytest.approx(trials[5].values[0]) and child.data.params["scale"] == "5.0"
+    assert REPORT_FILES <= {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report")}
+    out = capsys.readouterr().out
+    assert "Pareto set of sparsity_pareto" in out and "report:" in out and parent.info.run_id in out
+
+    # Re-running the finished study redoes nothing and enqueues no baseline again.
+    sweep.main(cli_args(trained, tmp_path))
+    assert len(load(tmp_path).trials) == 9
+    with pytest.raises(ValueError, match=r"resuming with changed \['samples_per_trial'\]"):
+        sweep.main(cli_args(trained, tmp_path, "--samples", "30"))  # would mix incomparable FIDs
+
+    # --report works from the storage alone.
+    summary = sweep.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
+    assert {t.number for t in pareto_trials(summary["view"])} == {t.number for t in front}
+
+
+def test_resume_after_the_driver_is_killed_mid_trial(trained, tmp_path):
+    args = cli_args(trained, tmp_path, "--final-samples", "0", n_trials=8, steps=12)
+    command = [sys.executable, "-m", "sgexp.sweep", *args]
+    err_file = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe: nobody reads it while we poll
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
+    killed, deadline, journal = None, time.monotonic() + 120, tmp_path / "study.log"
+    try:
+        while killed is None and time.monotonic() < deadline and proc.poll() is None:
+            time.sleep(0.05)
+            if not journal.is_file() or not optuna.get_all_study_names(open_storage(str(journal))):
+                continue
+            # Sampling (its MLflow run is open) and not appending to the journal: a lock file left by a killed
+            # writer would make the resume wait the lock's 30 s grace period.
+            trials = load(tmp_path).trials
+            sampling = [t for t in trials if t.state == TrialState.RUNNING and "mlflow_run_id" in t.user_attrs]
+            if sampling and sampling[0].number >= 1 and not Path(f"{journal}.lock").exists():
+                os.kill(proc.pid, signal.SIGKILL)
+                killed = sampling[0].number
+    finally:
+        proc.kill()
+        proc.wait()
+        err_file.close()
+    stderr = (tmp_path / "stderr.txt").read_text()
+    assert killed is not None, f"no running trial seen before the driver ended: {stderr[-3000:]}"
+    left = [t.number for t in load(tmp_path).trials if t.state == TrialState.RUNNING]
+    assert len(left) == 1  # left behind by the dead driver (usually ``killed``, unless it ended meanwhile)
+    killed = left[0]
+
+    sweep.main(command[3:])  # the same command, resumed (in this process: one interpreter start less)
+    trials = load(tmp_path).trials
+    dead = trials[killed]
+    assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == STALE and dead.user_attrs["requeued"]
+    retries = [t for t in trials if t.user_attrs.get("retry_of") == killed]
+    assert len(retries) == 1 and retries[0].state == TrialState.COMPLETE
+    assert retries[0].params == dead.params and key(retries[0]) == key(dead)
+    complete = [t for t in trials if t.state == TrialState.COMPLETE]
+    assert len(complete) == 8 and len(trials) == 9  # the budget, plus the one requeued FAIL
+    assert len({key(t) for t in complete}) == 8  # nothing evaluated twice
+
+
+def test_two_workers_share_one_journal(trained, tmp_path):
+    args = cli_args(trained, tmp_path, "--workers", "2", "--final-samples", "0", n_trials=10, steps=15)
+    sweep.main(args)  # spawns two worker processes
+    trials = load(tmp_path).trials
+    finished = [t for t in trials if t.state.is_finished()]
+    assert 10 <= len(finished) <= 11 and all(t.state == TrialState.COMPLETE for t in finished)  # overshoot <= K-1
+    assert len({t.number for t in finished}) == len(finished) and len({key(t) for t in finished}) == len(finished)
+    workers = {t.user_attrs["worker"] for t in finished}
+    assert len(workers) == 2 and all(not w.endswith(f":{os.getpid()}") for w in workers)
+    logs = sorted((tmp_path / "runs" / "sweeps" / "sparsity_pareto" / "workers").glob("*.log"))
+    assert [p.name for p in logs] == ["0.log", "1.log"]
+
+
+def test_failing_trials_are_recorded_and_the_study_goes_on(trained, tmp_path, monkeypatch):
+    real, calls = evaluator.score_setting, []
+
+    def flaky(setting, *args, **kwargs):
+        calls.append(setting.name)
+        if len(calls) == 3:
+            raise RuntimeError("injected failure")
+        row, grid = real(setting, *args, **kwargs)
+        if len(calls) == 4:
+            row["fid"] = float("nan")
+        return row, grid
+
+    monkeypatch.setattr(evaluator, "score_setting", flaky)  # fault injection around the real scoring
+    baselines = "[{rule: none}, {rule: none}, {rule: cfg, scale: 1.5}, {rule: sg, scale: 3, gamma_weak: '0.9'}]"
+    storage = f"sqlite:///{tmp_path / 'study.db'}"  # an RDB storage this time
+    args = ["--set", f"baselines={baselines}", "--final-samples", "0", "--storage", storage]
+    sweep.main(cli_args(trained, tmp_path, *args, n_trials=6))
+    trials = optuna.load_study(study_name="sparsity_pareto", storage=storage).trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
+    assert trials[0].values == trials[1].values  # the same setting on the same samples: the same FID
+    assert trials[2].user_attrs["fail_reason"] == "RuntimeError: injected failure"
+    assert trials[3].user_attrs["fail_reason"].startswith("FloatingPointError: non-finite FID")
+    client = MlflowClient(trained[2])
+    assert client.get_run(trials[2].user_attrs["mlflow_run_id"]).info.status == "FAILED"
+    assert client.get_run(trials[4].user_attrs["mlflow_run_id"]).info.status == "FINISHED"
+
+
+@pytest.mark.parametrize(
+    "overrides,match",
+    [
+        (["space.sg.gamma_strong.high=1.0"], r"space.sg.gamma_strong=.* is invalid: sparsity"),
+        (["space.sg.scale.low=0.5"], r"space.sg.scale=.* is invalid: guidance scale w >= 1"),
+        (["space.sg.scale.low=3", "space.sg.scale.high=2"], r"needs low < high"),
+        (["space.sg.gamma_weak_max=0.5"], r"gamma_weak_max=0.5 is invalid"),
+        (["space.sg.gamma_weak_fraction=null", "space.sg.gamma_weak={low: 0.1, high: 0.9}"], r"γ_s < γ_w"),
+        (["baselines=[{rule: sg, scale: 2, gamma_strong: '0.9', gamma_weak: '0.5'}]"], r"gamma_strong=0.9"),
+        (["objectives=[fid, precision]"], r"objectives=.* is invalid"),
+        (["final_samples=10", "samples_per_trial=24"], r"final_samples=10 is invalid"),
+    ],
+)
+def test_invalid_study_fails_on_load(overrides, match):
+    with pytest.raises(ValueError, match=match):
+        load_study("sparsity_pareto", overrides)
+
+
+def test_bad_input_fails_before_any_trial(trained, tmp_path):
+    with pytest.raises(ValueError, match=r"study='nope' is invalid: .*\['cfg_scale', 'sg_vs_cfg', 'sparsity_pareto'\]"):
+        sweep.main(["--study", "nope"])
+    (tmp_path / "a_file").write_text("")
+    with pytest.raises(ValueError, match="storage=.* is invalid: cannot open the journal file"):
+        sweep.main(cli_args(trained, tmp_path, "--storage", str(tmp_path / "a_file" / "study.log")))
+    with pytest.raises(ValueError, match="storage='nosuchdb://x' is invalid: cannot open this database URL"):
+        sweep.main(cli_args(trained, tmp_path, "--storage", "nosuchdb://x"))
+    with pytest.raises(FileNotFoundError, match="checkpoint='/no/such.ckpt' is invalid"):
+        sweep.main(cli_args(trained, tmp_path, "--set", "checkpoint=/no/such.ckpt"))
+    assert optuna.get_all_study_names(open_storage(str(tmp_path / "study.log"))) == []
+    with pytest.raises(ValueError, match="workers=0 is invalid"):
+        sweep.main(cli_args(trained, tmp_path, "--workers", "0"))
+    with pytest.raises(NotImplementedError, match="--slurm-array is reserved"):
+        sweep.main(cli_args(trained, tmp_path, "--slurm-array"))
+    with pytest.raises(ValueError, match="is not in .* which holds \\[\\]"):
+        sweep.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
+
+
+def test_space_parametrisation_and_sampler_view():
+    cfg = load_study("sparsity_pareto")
+    space = SearchSpace(cfg)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(cfg))
+    assert isinstance(study.sampler, InSpaceSampler)
+    study.enqueue_trial({}, user_attrs={"setting": {"rule": "cfg", "scale": 1.5}, "in_space": False})
+    family, params = space.params_for({"rule": "sg", "scale": 5.0, "gamma_strong": "0.5", "gamma_weak": "0.9"})
+    assert family == "sg" and params["gamma_weak_fraction"] == pytest.approx(0.4 / 0.45)
+    assert space.params_for({"rule": "sg", "scale": 9.0, "gamma_strong": 0.5, "gamma_weak": 0.9}) is None  # w > 8
+    assert space.params_for({"rule": "cfg", "scale": 1.5}) is None
+    study.tell(study.ask(), [100.0, 20.0])  # the fixed CFG point, outside the space
+    for _ in range(30):
+        trial = study.ask()
+        _, setting = space.suggest(trial)
+        assert 0 <= setting["gamma_strong"] < setting["gamma_weak"] <= 0.95 and 1 <= setting["scale"] <= 8
+        study.tell(trial, [setting["gamma_weak"] - setting["gamma_strong"], setting["scale"]])
+    assert len(study.sampler._view(study, None).trials) == 30 and len(study.trials) == 31  # the CFG point hidden
+
+    both = SearchSpace(load_study("sg_vs_cfg"))
+    mixed = optuna.create_study(directions=["minimize", "minimize"], sampler=optuna.samplers.RandomSampler(seed=0))
+    families = set()
+    for _ in range(20):
+        trial = mixed.ask()
+        family, setting = both.suggest(trial)
+        families.add(family)
+        assert setting["rule"] == family and set(trial.params) == {"family", *(f"{family}/{k}" for k in
+                                                                             both.families[family].ranges)}  # fmt: skip
+        mixed.tell(trial, [1.0, 1.0])
+    assert families == {"cfg", "sg"}
+    assert load_study("cfg_scale").space.cfg.scale.high == 4.0
+
+
+@pytest.mark.parametrize("sampler", ["tpe", "gp", "nsga2"])
+def test_samplers_do_not_see_fixed_points_of_other_families(sampler):
+    """A fixed CFG point has no parameters: shown to GP or multivariate TPE, the intersection search
+    space would be empty and they would sample at random."""
+    overrides = [f"optuna.sampler={sampler}", "optuna.n_startup_trials=3", "optuna.population_size=4"]
+    cfg = load_study("sparsity_pareto", overrides)
+    space = SearchSpace(cfg)
+    study = optuna.create_study(directions=["minimize", "minimize"], sampler=make_sampler(cfg))
+    study.enqueue_trial({}, user_attrs={"in_space": False})
+    study.tell(study.ask(), [100.0, 20.0])
+    for _ in range(7):
+        trial = study.ask()
+        _, s = space.suggest(trial)
+        assert 0 <= s["gamma_strong"] < s["gamma_weak"] <= 0.95 and 1 <= s["scale"] <= 8
+        study.tell(trial, [(s["gamma_weak"] - 0.8) ** 2 + 1 / s["scale"], 2 - s["gamma_strong"] - s["gamma_weak"]])
+    last = study.trials[-1]
+    if sampler != "nsga2":  # NSGA-II has no relative search space; it only needs to run
+        searched = {"scale", "gamma_strong", "gamma_weak_fraction"}
+        assert set(study.sampler.infer_relative_search_space(study, last)) == searched
+        # what the raw sampler would have seen:
+        assert intersection_search_space(study.trials) == {}
+
+
+@pytest.mark.parametrize("kind", ["journal", "sqlite"])
+def test_stale_trial_is_released_once_and_heartbeats_keep_trials_alive(tmp_path, kind):
+    url = str(tmp_path / "s.log") if kind == "journal" else f"sqlite:///{tmp_path / 's.db'}"
+    studies = [optuna.create_study(storage=open_storage(url), study_name="s", directions=["minimize"] * 2)]
+    studies.append(optuna.load_study(study_name="s", storage=open_storage(url)))  # as another process sees it
+    a, b = studies
+    trial = a.ask()
+    trial.suggest_float("x", 0.0, 1.0)
+    # Generous margins: this machine's timing drifts under load (a beat every 0.2 s, stale after 3 s).
+    with Heartbeat(a._storage, trial._trial_id, interval=0.2):
+        time.sleep(1.0)
+        assert time.time() - last_beat(b.trials[0]) < 3.0 and reap_stale(b, timeout=3.0) == []
+    seen_by_a = a.trials[0]  # both workers see it RUNNING and stale...
+    time.sleep(3.5)
+    assert [t.number for t in reap_stale(b, timeout=3.0)] == [0]
+    assert release(a, seen_by_a, STALE) is False  # ...but only the first FAIL counts: one retry
+    trials = a.trials
+    assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
+    assert trials[0].user_attrs["fail_reason"] == STALE and trials[1].user_attrs["retry_of"] == 0
+    assert counts(a)["done"] == 0  # a requeued FAIL does not use the budget
+    retry = a.ask()
+    assert retry.number == 1 and retry.suggest_float("x", 0.0, 1.0) == trials[0].params["x"]
