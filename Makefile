@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sgexp-installed
 
-.PHONY: install train eval ui test test-slow lint flops clean
+.PHONY: install train eval sweep ui test test-slow lint flops clean
 
 # make train [EXP=mnist_dense] [resume=RUN_DIR_OR_CKPT] [ARGS="trainer.max_steps=500 ..."]
 EXP    ?= mnist_tread
@@ -26,6 +26,11 @@ train: $(STAMP)
 # make eval [ckpt=RUN_DIR_OR_CKPT] [ARGS="guidance=[none,cfg,sg,cfg_sg] num_samples=2000"]
 eval: $(STAMP)
 	$(PY) -m sgexp.evaluate checkpoint=$(or $(ckpt),latest) $(ARGS)
+
+# make sweep [STUDY=cfg_scale] [ARGS="--workers 2 --n-trials 40"]
+STUDY ?= sparsity_pareto
+sweep: $(STAMP)
+	$(PY) -m sgexp.sweep --study $(STUDY) $(ARGS)
 
 # MLflow UI on the default local store: runs/mlflow.db, artifacts in runs/mlartifacts.
 # One worker and no job runner (~0.5 GB, 2 processes; the default starts ~15 processes, ~3 GB).

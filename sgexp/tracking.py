@@ -159,7 +159,7 @@ def _probe_http(uri: str, timeout: float) -> None:
     )
 
 
-def _artifact_root_for(tracking_uri: str, artifact_root: str | None) -> str | None:
+def artifact_root_for(tracking_uri: str, artifact_root: str | None) -> str | None:
     """An explicit root wins; a sqlite store keeps artifacts in ``mlartifacts/`` next to the database
     (mlflow's own default is ``./mlruns`` under the current directory); a server chooses its own."""
     if artifact_root or _scheme(tracking_uri) != "sqlite":
@@ -220,7 +220,8 @@ def _claim_run_id(id_file: Path, run_id: str) -> str:
     return run_id
 
 
-def _experiment_id(client: MlflowClient, name: str, artifact_location: str | None, uri: str) -> str:
+def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None, uri: str) -> str:
+    """The id of experiment ``name``, created (with ``artifact_location``) if missing."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
@@ -248,7 +249,7 @@ def open_run(
     """The MLflow run of ``run_dir``: created the first time, the same one ever after.
 
     The id lives in ``<run_dir>/mlflow_run_id``. A new run goes into ``experiment`` (created with
-    ``artifact_root`` if missing; see ``_artifact_root_for`` for ``None``) and gets ``tags``, the
+    ``artifact_root`` if missing; see ``artifact_root_for`` for ``None``) and gets ``tags``, the
     ``sgexp.run_dir`` tag and mlflow's user/source tags. A reopened run is set back to RUNNING and
     gets ``tags`` again. If the file names a run this store does not have (another tracking URI) or a
     deleted run, ``RuntimeError`` says so rather than silently splitting the history. Two processes
@@ -263,8 +264,8 @@ def open_run(
     run_tags = {str(k): str(v) for k, v in (tags or {}).items()}
     run_id = _read_run_id(id_file)
     if run_id is None:
-        location = _artifact_root_for(tracking_uri, artifact_root)
-        experiment_id = _experiment_id(client, experiment, location, tracking_uri)
+        location = artifact_root_for(tracking_uri, artifact_root)
+        experiment_id = ensure_experiment(client, experiment, location, tracking_uri)
         created = client.create_run(
             experiment_id, run_name=run_name, tags=resolve_tags({**run_tags, "sgexp.run_dir": str(run_dir)})
         ).info.run_id
@@ -310,7 +311,7 @@ class SgexpMLFlowLogger(MLFlowLogger):
         if not self._initialized:
             if self._run_id is None:
                 raise RuntimeError("SgexpMLFlowLogger needs a run id: build it with sgexp.tracking.make_logger")
-            self._experiment_id = self._mlflow_client.get_run(self._run_id).info.experiment_id
+            self.ensure_experiment = self._mlflow_client.get_run(self._run_id).info.experiment_id
             self._initialized = True
         return self._mlflow_client
 
@@ -350,7 +351,7 @@ def make_logger(
         run_name=run_name,
         tracking_uri=tracking_uri,
         log_model=log_model,
-        artifact_location=_artifact_root_for(tracking_uri, artifact_root),
+        artifact_location=artifact_root_for(tracking_uri, artifact_root),
         run_id=run_id,
     )
 

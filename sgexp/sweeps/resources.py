@@ -46,8 +46,8 @@ class Tracker:
         client = MlflowClient(tracking_uri=tracking_uri)
         run_id = study.user_attrs.get("mlflow_parent_run_id")
         if run_id is None:
-            location = tracking._artifact_root_for(tracking_uri, None)
-            experiment = tracking._experiment_id(client, cfg.logger.experiment, location, tracking_uri)
+            location = tracking.artifact_root_for(tracking_uri, None)
+            experiment = tracking.ensure_experiment(client, cfg.logger.experiment, location, tracking_uri)
             tags = {"sgexp.kind": "sweep", "sgexp.study": study.study_name, "sgexp.checkpoint": extra["checkpoint"]}
             run_id = client.create_run(experiment, run_name=study.study_name, tags=resolve_tags(tags)).info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
