@@ -1,6 +1,6 @@
 """Train a TREAD-routed DiT/SiT with flow matching.
 
-    python -m sgexp.train                                  # experiment=mnist_tread (CPU, ~12 min)
+    python -m sgexp.train                                  # experiment=mnist_tread (CPU, ~14 min)
     python -m sgexp.train experiment=mnist_dense
     python -m sgexp.train resume=runs/mnist_tread/20261127-101500
     python -m sgexp.train trainer.max_steps=100 logger.tracking_uri=http://127.0.0.1:5000
