@@ -25,7 +25,7 @@ import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from sgexp import tracking
+from sgexp import run_record, tracking
 from sgexp.config import register_configs
 from sgexp.eval.evaluator import load_evaluator, run_dir_of
 from sgexp.lit.eval_callback import make_settings
@@ -130,7 +130,7 @@ def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_ur
     from mlflow.tracking import MlflowClient
 
     client = MlflowClient(tracking_uri)
-    tracking.log_run_context(
+    run_record.log_run_context(
         client, run_id, config=OmegaConf.to_container(cfg, resolve=True), meta=None, checkpoint_dir=None, root=root
     )
     for row in results["rows"]:

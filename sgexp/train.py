@@ -21,7 +21,7 @@ import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
-from sgexp import tracking
+from sgexp import run_record, tracking
 from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.lit.callbacks import FinalCheckpoint, TrainingMonitor
@@ -207,7 +207,7 @@ def run(cfg: DictConfig) -> TrainResult:
     if cfg.logger.enabled:
         run_name = cfg.logger.run_name or f"{cfg.experiment}/{run_dir.name}"
         logger = tracking.make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name)
-        tracking.log_run_context(
+        run_record.log_run_context(
             logger,
             logger.run_id,
             config=OmegaConf.to_container(cfg, resolve=True),

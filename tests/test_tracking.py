@@ -26,7 +26,7 @@ from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 from PIL import Image
 
-from sgexp import tracking
+from sgexp import run_record, tracking
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sgexp-test"
@@ -120,7 +120,7 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     logger = tracking.make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root, tags={"who": "t"})
     run_id = logger.run_id
     assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
-    changed = tracking.log_run_context(
+    changed = run_record.log_run_context(
         logger, run_id, config=cfg, meta=meta, checkpoint_dir=run_dir / "checkpoints", root=REPO
     )
     assert changed == {}
@@ -128,9 +128,9 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     for step, loss in [(1, 1.0), (2, 0.5)]:
         logger.log_metrics({"train/loss": loss}, step=step)
     grid = torch.rand(3, 16, 24, dtype=torch.bfloat16)  # CxHxW, as torchvision's make_grid gives it
-    assert tracking.log_image(logger, grid, "samples", name="step-0000002.png") == "samples/step-0000002.png"
+    assert run_record.log_image(logger, grid, "samples", name="step-0000002.png") == "samples/step-0000002.png"
     (tmp / "note.txt").write_text("hello")
-    assert tracking.log_artifact_file(logger, tmp / "note.txt", "extra") == "extra/note.txt"
+    assert run_record.log_artifact_file(logger, tmp / "note.txt", "extra") == "extra/note.txt"
     logger.finalize("success")
 
     client = MlflowClient(tracking_uri=uri)
@@ -163,9 +163,9 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     assert client.get_run(run_id).info.status == "RUNNING"
     resumed = tracking.make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root)
     assert resumed.run_id == run_id
-    assert tracking.log_run_context(resumed, None, config=cfg, meta=meta, root=REPO) == {}
+    assert run_record.log_run_context(resumed, None, config=cfg, meta=meta, root=REPO) == {}
     cfg.trainer.max_steps = 200
-    changed = tracking.log_run_context(resumed, None, config=cfg, meta=meta, root=REPO)
+    changed = run_record.log_run_context(resumed, None, config=cfg, meta=meta, root=REPO)
     assert changed == {"trainer.max_steps": ("100", "200")}
     resumed.log_hyperparams({"lr": 0.002, "network": {"depth": 4}})  # stock MLFlowLogger would raise here
     resumed.log_metrics({"train/loss": 0.25}, step=3)
@@ -270,17 +270,17 @@ def test_a_web_server_that_is_not_mlflow_is_refused():
 
 
 def test_flatten_params():
-    flat = tracking.flatten_params({"a": {"b": 1, "c": [1, "x"], "d": {}}, "k/../e": True, "long": "y" * 9000})
+    flat = run_record.flatten_params({"a": {"b": 1, "c": [1, "x"], "d": {}}, "k/../e": True, "long": "y" * 9000})
     assert flat == {"a.b": "1", "a.c": '[1, "x"]', "a.d": "{}", "k/_/e": "True", "long": "y" * 6000}
 
 
 def test_image_layouts():
-    assert tracking._to_uint8(torch.ones(1, 5, 7)).shape == (5, 7)
-    assert tracking._to_uint8(np.ones((5, 7, 3), dtype=np.int64) * 255).max() == 255
-    assert tracking._to_uint8(np.array([[-1.0, 2.0]])).tolist() == [[0, 255]]
+    assert run_record._to_uint8(torch.ones(1, 5, 7)).shape == (5, 7)
+    assert run_record._to_uint8(np.ones((5, 7, 3), dtype=np.int64) * 255).max() == 255
+    assert run_record._to_uint8(np.array([[-1.0, 2.0]])).tolist() == [[0, 255]]
     for bad in (np.zeros((2, 5, 7)), np.zeros(5), np.full((4, 4), 300)):
         with pytest.raises(ValueError, match=r"image\.(shape|dtype)="):
-            tracking._to_uint8(bad)
+            run_record._to_uint8(bad)
 
 
 def test_sqlite_run_lifecycle(store, tmp_path):
@@ -320,8 +320,8 @@ def test_other_ranks_do_not_create_or_log(store, tmp_path, monkeypatch):
     logger = tracking.make_logger(tmp_path / "run", uri, EXPERIMENT, "r", artifact_root)
     assert logger.run_id is None and not (tmp_path / "run" / "mlflow_run_id").exists()
     cfg, meta = train_config()
-    assert tracking.log_run_context(logger, logger.run_id, config=cfg, meta=meta, root=REPO) is None
-    assert tracking.log_image(logger, np.zeros((4, 4)), name="a.png") is None
+    assert run_record.log_run_context(logger, logger.run_id, config=cfg, meta=meta, root=REPO) is None
+    assert run_record.log_image(logger, np.zeros((4, 4)), name="a.png") is None
     logger.log_metrics({"loss": 1.0}, step=1)
     logger.finalize("success")
 

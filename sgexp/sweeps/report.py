@@ -500,7 +500,7 @@ def write_report(
     if tracking_uri and parent_run_id:
         from mlflow.tracking import MlflowClient
 
-        from sgexp.tracking import log_artifact_file
+        from sgexp.run_record import log_artifact_file
 
         client = MlflowClient(tracking_uri=tracking_uri)
         for path in files.values():

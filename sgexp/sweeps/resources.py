@@ -20,7 +20,7 @@ from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
 
-from sgexp import tracking
+from sgexp import run_record, tracking
 
 log = logging.getLogger("sgexp.sweeps.resources")
 
@@ -54,7 +54,7 @@ class Tracker:
         tracker = cls(tracking_uri, run_id, study.study_name)
         client.update_run(run_id, status="RUNNING")
         config = {**OmegaConf.to_container(cfg, resolve=True), "sweep": extra}
-        tracking.log_run_context(client, run_id, config=config, root=Path(cfg.paths.root))
+        run_record.log_run_context(client, run_id, config=config, root=Path(cfg.paths.root))
         return tracker
 
     def start_child(self, number: int, family: str, setting: dict) -> str | None:
@@ -67,7 +67,7 @@ class Tracker:
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{self.study_name}/trial-{number:04d}", tags=tags
             )
-            params = tracking.flatten_params({"trial": number, "family": family, **setting})
+            params = run_record.flatten_params({"trial": number, "family": family, **setting})
             self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
             return run.info.run_id
         except Exception as err:
