@@ -34,6 +34,7 @@ class DataConfig:
     name: str = "mnist5k"  # a prepared dataset under root (meta.json)
     root: str = "${paths.data_dir}"
     batch_size: int = 128  # per device
+    global_batch_size: int | None = None  # if set: per device = global / (devices x nodes x accumulation)
     val_batch_size: int | None = None
     num_workers: int = 1
     hflip: bool = False
@@ -123,6 +124,8 @@ class GuidedEvalConfig:
     extractor: str = "auto"  # auto: the dataset's classifier if trained, else none (grids only); or inception
     train_classifier: bool = False  # train the dataset's classifier first if it is missing (~30 s on MNIST-5k)
     reference_split: str = "val"
+    reference_batch: str | None = None  # an ADM reference npz (mu, sigma[, arr_0]) instead of the split's statistics
+    vae: str | None = None  # latent datasets: load meta.json's VAE from here instead (same weights)
     grid_size: int = 100
     settings: dict[str, Any] = field(default_factory=default_settings)
 
@@ -143,6 +146,28 @@ class PathsConfig:
 
 
 @dataclass
+class LauncherConfig:
+    """Where ``sgexp.train`` runs: in this process (``local``) or as a SLURM batch job (``slurm``, see
+    ``sgexp.slurm``): the submitting process checks the config, fixes the run directory and writes
+    ``<run_dir>/slurm/train.sbatch``; the job runs nodes × tasks_per_node copies of training under srun."""
+
+    name: str = "local"  # local | slurm
+    nodes: int = 1
+    gpus_per_node: int = 0  # = tasks per node (one per GPU); 0: CPU tasks, tasks_per_node of them
+    tasks_per_node: int = 1
+    cpus_per_task: int = 8
+    mem: str | None = None  # per node, e.g. "256G"
+    time: str | None = None  # e.g. "2-00:00:00"
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_seconds: int | None = 300  # SIGUSR1 this long before the time limit: checkpoint, requeue, resume
+    extra: list[str] = field(default_factory=list)  # more sbatch options, e.g. "--constraint=h100"
+    setup: list[str] = field(default_factory=list)  # shell lines before srun, e.g. "module load cuda"
+    submitted: bool = False  # set on the job's own command line: run training, do not submit again
+
+
+@dataclass
 class TrainConfig:
     experiment: str = "mnist_tread"
     seed: int = 0
@@ -155,6 +180,7 @@ class TrainConfig:
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     callbacks: CallbacksConfig = field(default_factory=CallbacksConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)
+    launcher: LauncherConfig = field(default_factory=LauncherConfig)
 
 
 @dataclass
@@ -175,6 +201,8 @@ class EvaluateConfig:
     extractor: str = "auto"  # auto | classifier | mnist | inception
     inception_weights: str | None = None  # or SGEXP_INCEPTION_WEIGHTS
     reference_split: str = "val"
+    reference_batch: str | None = None  # an ADM reference npz, e.g. VIRTUAL_imagenet256_labeled.npz
+    vae: str | None = None  # latent datasets: load meta.json's VAE from here instead (same weights)
     grid_size: int = 100
     device: str = "auto"
     out_dir: str | None = None  # default: <run dir of the checkpoint>/eval/<timestamp>

@@ -4,6 +4,8 @@
     python -m sgexp.sweep --study cfg_scale --workers 2 --n-trials 20
     python -m sgexp.sweep --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
     python -m sgexp.sweep --study sparsity_pareto --report              # report only, from the storage
+    python -m sgexp.sweep --study sparsity_pareto --slurm-array 8 --slurm-args "--partition=gpu --gpus=1" \
+        --tracking-uri http://login1:5000                               # 8 SLURM worker jobs, one journal
 
 Re-running a command resumes its study (same storage: ``runs/optuna/<study>.log`` by default). Ends with
 the Pareto table, the report directory and the MLflow parent run. See ``sgexp.sweeps.driver``.
@@ -29,7 +31,13 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--final-samples", type=int, help="override final_samples (Pareto re-evaluation; 0: none)")
     parser.add_argument("--report", action="store_true", help="only write the report of the stored study")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
-    parser.add_argument("--slurm-array", action="store_true", help="reserved: SLURM job arrays (not implemented)")
+    slurm = parser.add_argument_group("SLURM (see sgexp.sweeps.slurm)")
+    slurm.add_argument("--slurm-array", type=int, metavar="K", help="submit K worker jobs (a job array) and return")
+    slurm.add_argument("--slurm-args", default="", help="more sbatch options: --slurm-args=\"--partition=gpu --time=4:00:00\"")
+    slurm.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per worker job (%(default)s)")
+    slurm.add_argument("--wait", action="store_true", help="with --slurm-array: wait for the workers, then report")
+    slurm.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds (%(default)s)")
+    slurm.add_argument("--slurm-worker", action="store_true", help=argparse.SUPPRESS)  # what each array task runs
     parser.add_argument(
         "--tracking-uri", help="MLflow tracking URI (default: logger.tracking_uri, else runs/mlflow.db)"
     )
@@ -57,11 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     from sgexp.sweeps.progress import LiveProgress, print_summary
 
     args = parse(argv)
-    if args.slurm_array:
-        raise NotImplementedError(
-            "--slurm-array is reserved for the SLURM launcher (a separate issue): use --workers K on one machine, "
-            "or start this command on several machines with a shared --storage"
-        )
+    if args.slurm_array is not None and args.workers != 1:
+        raise ValueError(f"--workers={args.workers} is invalid with --slurm-array: each array task is one worker")
     console = Console(stderr=True)
     handler = RichHandler(console=console, show_path=False)
     logger = logging.getLogger("sgexp")
@@ -76,6 +81,14 @@ def main(argv: list[str] | None = None) -> dict:
             runs = Path(_override(args.set, "paths.runs_dir") or root / "runs")
             storage = args.storage or str(runs.resolve() / "optuna" / f"{name}.log")
             summary = driver.run_report(name, storage, args.tracking_uri)
+        elif args.slurm_worker:
+            from sgexp.sweeps.slurm import run_worker
+
+            return {"ran": run_worker(args.study, overrides(args), args.storage, args.tracking_uri)}
+        elif args.slurm_array is not None:
+            summary = submit_array(args, console)
+            if summary is None:
+                return {}
         else:
             cfg = load_study(args.study, overrides(args))
             with LiveProgress(console) as progress:
@@ -86,10 +99,36 @@ def main(argv: list[str] | None = None) -> dict:
         logger.removeHandler(handler)
 
 
+def submit_array(args: argparse.Namespace, console) -> dict | None:
+    """--slurm-array K: start the study here, submit the workers; with --wait, also finish and report."""
+    from sgexp import slurm
+    from sgexp.sweeps import driver
+    from sgexp.sweeps.config import load_study
+    from sgexp.sweeps.slurm import submit_array as submit
+
+    slurm.require_sbatch()
+    session = driver.start(load_study(args.study, overrides(args)), args.storage, args.tracking_uri)
+    job_id, script = submit(session, args.study, overrides(args), args.slurm_array, args.slurm_cpus, args.slurm_args)
+    console.print(f"submitted SLURM array {job_id} ({args.slurm_array} workers): {script}")
+    console.print(f"  storage {session.storage_url}    queue: squeue -j {job_id}")
+    if not args.wait:
+        report = f"python -m sgexp.sweep --study {args.study} --storage {session.storage_url} --report"
+        console.print(f"  report any time: {report}")
+        return None
+    slurm.wait(job_id, args.wait_timeout)
+    n = driver.counts(session.study)
+    if n["done"] < session.cfg.n_trials:
+        raise RuntimeError(
+            f"SLURM array {job_id} ended with {n['done']} of {session.cfg.n_trials} trials: see "
+            f"{script.parent}/{job_id}_*.out; resubmit the same command to finish the study"
+        )
+    return driver.finish(session)
+
+
 if __name__ == "__main__":
     import sys
 
     try:
         main()
-    except (ValueError, FileNotFoundError, NotImplementedError) as err:  # bad input: the message says what to do
+    except (ValueError, FileNotFoundError, TimeoutError) as err:  # bad input: the message says what to do
         sys.exit(f"error: {err}")

@@ -111,6 +111,15 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         _probe_http(uri, timeout)
 
 
+def init_store(uri: str) -> None:
+    """Create a sqlite store's tables now. Every rank builds an ``MlflowClient`` (Lightning's logger does),
+    and processes that open a fresh sqlite file at the same moment race on its schema migration: a SLURM
+    submission therefore creates the tables on the login node first. Other stores: nothing to do."""
+    check_tracking_uri(uri)
+    if _scheme(uri) == "sqlite":
+        MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
+
+
 def _probe_http(uri: str, timeout: float) -> None:
     url = uri.rstrip("/") + "/health"
     outcome: dict[str, Any] = {}

@@ -4,6 +4,7 @@
     python -m sgexp.train experiment=mnist_dense
     python -m sgexp.train resume=runs/mnist_tread/20261127-101500
     python -m sgexp.train trainer.max_steps=100 logger.tracking_uri=http://127.0.0.1:5000
+    python -m sgexp.train experiment=imagenet256_sit_xl2_tread launcher=slurm launcher.nodes=4   # sbatch
 
 ``run(cfg)`` does the work and is what tests call through Hydra's compose API.
 """
@@ -11,6 +12,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import sys
 import warnings
 from dataclasses import dataclass
 from datetime import datetime
@@ -19,14 +22,16 @@ from pathlib import Path
 import hydra
 import lightning as L
 import torch
+from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from sgexp import run_record, tracking
+from sgexp import run_record, slurm, tracking
 from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.lit.callbacks import FinalCheckpoint, TrainingMonitor
 from sgexp.lit.eval_callback import GuidedSamplingEval
 from sgexp.lit.module import FlowMatchingModule
+from sgexp.lit.requeue import RequeueOnSignal
 from sgexp.models.dit import DiTConfig
 from sgexp.models.routing import Route
 
@@ -51,8 +56,10 @@ def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
 
     ``resume`` may name a checkpoint or a run directory; a resumed run keeps
     writing into its own run directory, so it finds its checkpoints and its
-    MLflow run again. New runs get ``<runs_dir>/<experiment>/<timestamp>``
-    unless ``paths.run_dir`` is given.
+    MLflow run again. New runs get ``paths.run_dir`` if given, else
+    ``<runs_dir>/<experiment>/<timestamp>``; inside a SLURM job that was not submitted by sgexp
+    (which fixes ``paths.run_dir`` at submission), ``<runs_dir>/<experiment>/slurm-<job id>``:
+    every rank and every requeue of the job must agree on it, which a timestamp would not.
     """
     ckpt = None
     if cfg.resume:
@@ -69,9 +76,22 @@ def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
             raise ValueError(f"paths.run_dir={cfg.paths.run_dir!r} is invalid: resume uses the run directory {run_dir}")
     elif cfg.paths.run_dir:
         run_dir = Path(cfg.paths.run_dir).resolve()
+    elif slurm.inside_job():
+        job = os.environ.get("SLURM_ARRAY_JOB_ID")
+        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
+        run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / f"slurm-{job}"
     else:
         run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / datetime.now().strftime("%Y%m%d-%H%M%S")
     return run_dir, ckpt
+
+
+def requeue_checkpoint(run_dir: Path) -> str | None:
+    """``"hpc"`` when this is a requeued SLURM job: Lightning saved ``hpc_ckpt_<n>.ckpt`` in the run
+    directory on SIGUSR1 and resumes from the newest one. It wins over ``resume=``, which names the
+    checkpoint the first submission started from."""
+    if SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")):
+        return "hpc"
+    return None
 
 
 def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
@@ -90,17 +110,22 @@ def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
     )
 
 
+def ensure_classifier(g: DictConfig, data_dir: Path) -> None:
+    """Train the dataset's classifier (domain FID) if the evaluation asks for it and it is missing."""
+    if g.train_classifier and g.extractor in ("auto", "classifier") and not (data_dir / "classifier.pt").is_file():
+        from sgexp.eval.classifier import train_classifier
+
+        log.info("training the %s classifier for domain FID (once, cached with the dataset)", data_dir.name)
+        train_classifier(data_dir)
+
+
 def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSamplingEval:
     """The evaluation callback, with its feature extractor and reference statistics ready
     (computed now, not after hours of training). ``extractor=auto`` uses the dataset's own
     classifier when it has been trained, and otherwise produces grids and timings only."""
     from sgexp.eval import build_extractor, reference_stats
 
-    if g.train_classifier and g.extractor in ("auto", "classifier") and not (data_dir / "classifier.pt").is_file():
-        from sgexp.eval.classifier import train_classifier
-
-        log.info("training the %s classifier for domain FID (once, cached with the dataset)", data_dir.name)
-        train_classifier(data_dir)
+    ensure_classifier(g, data_dir)
     name = g.extractor
     if name == "auto":
         name = "classifier" if (data_dir / "classifier.pt").is_file() else "none"
@@ -111,7 +136,15 @@ def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSam
     extractor = reference = None
     if name != "none":
         extractor = build_extractor(name, data_dir)
-        reference = reference_stats(extractor, data_dir, g.reference_split)
+        if g.reference_batch:  # an ADM reference npz instead of the dataset's own statistics
+            from sgexp.eval.reference_batch import load_reference_batch
+
+            reference = load_reference_batch(g.reference_batch, extractor)
+        else:
+            reference = reference_stats(extractor, data_dir, g.reference_split)
+    from sgexp.data import read_meta
+    from sgexp.vae import vae_for_dataset
+
     return GuidedSamplingEval(
         run_dir / "samples",
         OmegaConf.to_container(g.settings, resolve=True),
@@ -123,6 +156,7 @@ def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSam
         seed=g.seed,
         grid_size=g.grid_size,
         every_n_steps=g.every_n_steps,
+        decode=vae_for_dataset(read_meta(data_dir), g.vae),  # None unless the dataset holds latents
     )
 
 
@@ -134,6 +168,10 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
     progress = t.progress == "rich"
     if progress:
         callbacks = [*callbacks, L.pytorch.callbacks.RichProgressBar(refresh_rate=5)]
+    plugins = []
+    if SLURMEnvironment.detect():  # requeue on SIGUSR1 in step on all ranks (sgexp.lit.requeue), not Lightning's way
+        plugins.append(SLURMEnvironment(auto_requeue=False))
+        callbacks = [*callbacks, RequeueOnSignal(run_dir)]
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
@@ -155,6 +193,7 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
         callbacks=callbacks,
         enable_progress_bar=progress,
         enable_model_summary=False,
+        plugins=plugins,
     )
 
 
@@ -238,8 +277,20 @@ def run(cfg: DictConfig) -> TrainResult:
     ]
     callbacks = [*checkpoints, TrainingMonitor(c.monitor_every_n_steps), guided_eval]
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
-    log.info("run directory: %s", run_dir)
-    trainer.fit(module, datamodule=datamodule, ckpt_path=str(resume_ckpt) if resume_ckpt else None)
+    if cfg.data.global_batch_size:  # the recipe's batch on any number of devices
+        total, world = cfg.data.global_batch_size, trainer.world_size
+        per_device = datamodule.set_global_batch_size(total, world, trainer.accumulate_grad_batches)
+        log.info("global batch %d: %d per device x %d devices", total, per_device, world)
+    environment = type(getattr(trainer.strategy, "cluster_environment", None)).__name__
+    log.info(
+        "cluster environment: %s, world size %d, global rank %d", environment, trainer.world_size, trainer.global_rank
+    )
+    if logger is not None and trainer.is_global_zero:
+        for key, value in (("cluster_environment", environment), ("world_size", trainer.world_size)):
+            logger.experiment.set_tag(logger.run_id, f"sgexp.{key}", str(value))
+    ckpt_path = requeue_checkpoint(run_dir) or (str(resume_ckpt) if resume_ckpt else None)
+    log.info("run directory: %s%s", run_dir, f" (resuming from {ckpt_path})" if ckpt_path else "")
+    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
 
     result = TrainResult(
         run_dir=run_dir,
@@ -253,6 +304,52 @@ def run(cfg: DictConfig) -> TrainResult:
     if trainer.is_global_zero:
         _print_summary(result)
     return result
+
+
+def submit(cfg: DictConfig, overrides: list[str]) -> tuple[str, Path]:
+    """Submit ``cfg`` as a SLURM batch job (``launcher=slurm``); returns (job id, run directory).
+
+    Cheap checks run here, on the login node, before anything is queued. The run directory is fixed now
+    and passed to the job, so all ranks and every requeue of the job write to the same place (and the
+    same MLflow run, whose id lives there). The job re-runs this command line with the run directory,
+    the trainer's nodes × devices and ``launcher.submitted=true``; the script stays in
+    ``<run_dir>/slurm/train.sbatch`` with the job logs ``<run_dir>/slurm/<job id>.out``.
+    """
+    lc = cfg.launcher
+    tasks = lc.gpus_per_node or lc.tasks_per_node
+    spec = slurm.SbatchSpec(
+        job_name=f"sgexp-{cfg.experiment}", nodes=lc.nodes, tasks_per_node=tasks, gpus_per_node=lc.gpus_per_node,
+        cpus_per_task=lc.cpus_per_task, mem=lc.mem, time=lc.time, partition=lc.partition, account=lc.account,
+        qos=lc.qos, signal_seconds=lc.signal_seconds, extra=list(lc.extra),
+    )  # fmt: skip
+    slurm.require_sbatch()
+    root = Path(cfg.paths.root).resolve()
+    if cfg.logger.enabled:
+        tracking.init_store(tracking.resolve_tracking_uri(cfg.logger.tracking_uri, root))
+    if cfg.data.prepare and cfg.data.name in EMBEDDED_DATASETS:  # once here, not by every rank
+        ensure_prepared(cfg.data.name, Path(cfg.data.root))
+        ensure_classifier(cfg.callbacks.guided_eval, Path(cfg.data.root) / cfg.data.name)
+    run_dir, _ = resolve_paths(cfg)
+    job_dir = run_dir / "slurm"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec.output = str(job_dir / "%j.out")
+    fixed = {
+        "paths.root": str(root), "paths.run_dir": str(run_dir), "launcher.submitted": "true",
+        "trainer.num_nodes": str(lc.nodes), "trainer.devices": str(tasks),
+        "trainer.accelerator": "gpu" if lc.gpus_per_node else "cpu",
+    }  # fmt: skip
+    if lc.nodes * tasks > 1:
+        fixed["trainer.strategy"] = "ddp"
+    if not any(o.startswith("trainer.progress=") for o in overrides):
+        fixed["trainer.progress"] = "none"  # a live bar in a log file is noise; TrainingMonitor logs progress
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    command = [sys.executable, "-m", "sgexp.train", *kept, *(f"{k}={v}" for k, v in fixed.items())]
+    script = job_dir / "train.sbatch"
+    script.write_text(slurm.render(spec, command, workdir=Path.cwd(), setup=list(lc.setup)))
+    job_id = slurm.submit(script)
+    with open(job_dir / "jobs.txt", "a") as f:
+        f.write(f"{job_id} {datetime.now().isoformat(timespec='seconds')}\n")
+    return job_id, run_dir
 
 
 def _print_summary(result: TrainResult) -> None:
@@ -275,7 +372,21 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
     def _main(cfg: DictConfig) -> None:
-        run(cfg)
+        if cfg.launcher.name not in ("local", "slurm"):
+            raise ValueError(f"launcher.name={cfg.launcher.name!r} is invalid: allowed are local, slurm")
+        if cfg.launcher.name == "slurm" and not cfg.launcher.submitted:
+            from hydra.core.hydra_config import HydraConfig
+
+            job_id, run_dir = submit(cfg, list(HydraConfig.get().overrides.task))
+            print(f"submitted SLURM job {job_id}: run directory {run_dir}")
+            print(f"  follow: tail -f {run_dir / 'slurm' / (job_id + '.out')}    queue: squeue -j {job_id}")
+            return
+        try:
+            run(cfg)
+        finally:
+            # An explicit teardown: gloo processes that exit with the group alive abort now and then.
+            if torch.distributed.is_available() and torch.distributed.is_initialized():
+                torch.distributed.destroy_process_group()
 
     _main()
 

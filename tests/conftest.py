@@ -7,6 +7,14 @@ re-draw all weights from a seeded normal distribution.
 
 from __future__ import annotations
 
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+from contextlib import contextmanager
 from pathlib import Path
 
 import pytest
@@ -107,3 +115,53 @@ def digits_run(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
         "callbacks.guided_eval.grid_size=10",
         *extra,
     ]
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def mlflow_server(tmp: Path):
+    """A real ``mlflow server`` (one worker, proxied artifacts) on a free loopback port; stopped and checked gone."""
+    port = free_port()
+    env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
+    env.pop("MLFLOW_TRACKING_URI", None)
+    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
+           "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}",
+           "--artifacts-destination", str(tmp / "artifacts")]  # fmt: skip
+    stderr = tmp / "server.err"
+    with open(tmp / "server.out", "wb") as out, open(stderr, "wb") as err:
+        proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True)
+    try:
+        start, deadline = time.monotonic(), time.monotonic() + 60
+        while True:
+            try:
+                with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:
+                    if response.status == 200:
+                        break
+            except OSError:
+                pass
+            if proc.poll() is not None or time.monotonic() > deadline:
+                pytest.fail(f"mlflow server did not start (rc={proc.poll()}):\n{stderr.read_text()[-3000:]}")
+            time.sleep(0.2)
+        yield {"uri": f"http://127.0.0.1:{port}", "artifacts": tmp / "artifacts", "start_s": time.monotonic() - start}
+    finally:
+        os.killpg(proc.pid, signal.SIGTERM)
+        try:
+            proc.wait(timeout=15)
+        except subprocess.TimeoutExpired:
+            os.killpg(proc.pid, signal.SIGKILL)
+            proc.wait(timeout=5)
+        gone = time.monotonic() + 10
+        while time.monotonic() < gone:  # workers die with their parent; wait until the group is empty
+            try:
+                os.killpg(proc.pid, 0)
+            except ProcessLookupError:
+                break
+            time.sleep(0.1)
+        else:
+            os.killpg(proc.pid, signal.SIGKILL)
+            pytest.fail("mlflow server processes outlived SIGTERM")

@@ -65,6 +65,9 @@ class TrainingMonitor(L.Callback):
         for a, b in block_spans(config):
             metrics[f"train/tokens_per_s/blocks_{a}-{b}"] = images_per_s * tokens[a]
         pl_module.log_dict(metrics, rank_zero_only=True)
+        if trainer.progress_bar_callback is None and trainer.is_global_zero:  # batch jobs: a line in the log
+            loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
+            log.info("step %d/%d: loss %.4f, %.0f images/s", step, trainer.max_steps, loss, images_per_s)
         self._t0, self._images = time.perf_counter(), 0
 
 

@@ -313,18 +313,23 @@ def worker_main(
     plain_cfg: dict, storage_url: str, tracking_uri: str | None, k: int, workers: int, parent: int, log_file: str
 ) -> None:
     """Entry of a spawned worker: log to ``log_file``, load once, loop; exits if the driver dies."""
-    import warnings
-
     import torch
 
     logging.basicConfig(
         filename=log_file, level=logging.INFO, force=True, format=f"%(asctime)s worker {k} %(name)s: %(message)s"
     )
-    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
-    optuna.logging.set_verbosity(optuna.logging.WARNING)
     threading.Thread(target=_exit_with_parent, args=(parent,), daemon=True).start()
     torch.set_num_threads(max(1, (os.cpu_count() or 1) // workers))  # K workers share the cores
-    cfg = OmegaConf.create(plain_cfg)
+    work(OmegaConf.create(plain_cfg), storage_url, tracking_uri, k)
+
+
+def work(cfg: DictConfig, storage_url: str, tracking_uri: str | None, k: int) -> int:
+    """One worker on a study that ``start`` created: load the model once, loop ask -> score -> tell until the
+    budget is met; returns the number of trials it ran. Local worker processes and SLURM array tasks."""
+    import warnings
+
+    warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
+    optuna.logging.set_verbosity(optuna.logging.WARNING)
     evaluator = load_evaluator(cfg, tracking_uri)
     study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage_url), sampler=make_sampler(cfg, k))
     parent_run = study.user_attrs.get("mlflow_parent_run_id")
@@ -332,6 +337,7 @@ def worker_main(
     out_dir = Path(cfg.paths.runs_dir) / "sweeps" / cfg.name
     ran = Worker(cfg, study, SearchSpace(cfg), evaluator, tracker, out_dir).loop()
     log.info("done: %d trials", ran)
+    return ran
 
 
 def _exit_with_parent(parent: int) -> None:

@@ -1,0 +1,156 @@
+"""SLURM batch jobs: render an sbatch script, submit it, wait for it.
+
+sgexp writes its own sbatch scripts instead of going through hydra-submitit-launcher: the script is a
+plain file kept in the run directory (read it, resubmit it by hand), the requeued job re-runs exactly that
+file with its fixed run directory, and SIGUSR1 is left to Lightning's ``SLURMEnvironment`` (submitit would
+install its own USR1 handler and pickle the training function instead). Training jobs are composed in
+``sgexp.train`` (``launcher=slurm``), sweep worker arrays in ``sgexp.sweeps.slurm``.
+
+What a job gets (``SbatchSpec``): nodes × tasks per node (one task per GPU, or per CPU process with
+``gpus_per_node=0``: Lightning wants ``--ntasks-per-node`` = ``trainer.devices``), CPUs per task, memory,
+time, partition/account/qos, ``--signal=USR1@<seconds>`` before the time limit (checkpoint + requeue),
+``--requeue`` and ``--open-mode=append`` (the requeued job appends to the same log), an optional array,
+extra ``#SBATCH`` lines and shell setup lines (``module load ...``).
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shlex
+import shutil
+import subprocess
+import time
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from sgexp.checks import fail
+
+TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM's [D-]HH[:MM[:SS]] or minutes
+
+
+@dataclass
+class SbatchSpec:
+    """The ``#SBATCH`` header of one job (or job array)."""
+
+    job_name: str
+    nodes: int = 1
+    tasks_per_node: int = 1
+    gpus_per_node: int = 0
+    cpus_per_task: int = 1
+    mem: str | None = None  # per node, e.g. "64G"; None: the partition's default
+    time: str | None = None  # "2-00:00:00", "04:00:00" or minutes
+    partition: str | None = None
+    account: str | None = None
+    qos: str | None = None
+    signal_seconds: int | None = None  # --signal=USR1@N: N seconds before the time limit
+    requeue: bool = True
+    array: str | None = None  # e.g. "0-3" or "0-15%4"
+    output: str | None = None  # log file pattern (%j job id, %A array id, %a task id)
+    extra: list[str] = field(default_factory=list)  # more sbatch options, "--constraint=a100" or "#SBATCH ..."
+
+    def __post_init__(self) -> None:
+        for name in ("nodes", "tasks_per_node", "cpus_per_task"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
+                raise fail(f"launcher.{name}", value, "must be an integer >= 1")
+        if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
+            raise fail("launcher.gpus_per_node", self.gpus_per_node, "must be an integer >= 0")
+        if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
+            raise fail(
+                "launcher.tasks_per_node",
+                self.tasks_per_node,
+                f"must equal launcher.gpus_per_node={self.gpus_per_node} (Lightning runs one task per GPU)",
+            )
+        if self.time is not None and not TIME_FORMAT.match(str(self.time)):
+            raise fail("launcher.time", self.time, "must be SLURM time: minutes, HH:MM:SS or D-HH:MM:SS")
+        if self.signal_seconds is not None and (not isinstance(self.signal_seconds, int) or self.signal_seconds < 1):
+            raise fail("launcher.signal_seconds", self.signal_seconds, "must be a positive number of seconds or null")
+
+    def header(self) -> list[str]:
+        options = [
+            f"--job-name={self.job_name}",
+            f"--nodes={self.nodes}",
+            f"--ntasks-per-node={self.tasks_per_node}",
+            f"--cpus-per-task={self.cpus_per_task}",
+        ]
+        if self.gpus_per_node:
+            options.append(f"--gpus-per-node={self.gpus_per_node}")
+        for key in ("mem", "time", "partition", "account", "qos", "array", "output"):
+            value = getattr(self, key)
+            if value is not None:
+                options.append(f"--{key}={value}")
+        if self.signal_seconds:
+            options.append(f"--signal=USR1@{self.signal_seconds}")  # to every task (srun steps), not the shell
+        if self.requeue:
+            options += ["--requeue", "--open-mode=append"]
+        lines = [f"#SBATCH {o}" for o in options]
+        lines += [e if e.startswith("#SBATCH") else f"#SBATCH {e}" for e in self.extra]
+        return lines
+
+
+def render(
+    spec: SbatchSpec, command: Sequence[str], *, workdir: Path, setup: Sequence[str] = (), srun: bool = True
+) -> str:
+    """The batch script: header, environment, setup lines, then ``srun COMMAND`` (one task per device).
+
+    ``srun`` starts nodes × tasks_per_node copies of the command; Lightning's ``SLURMEnvironment`` reads
+    the rank, world size and master address (the first node of ``SLURM_NODELIST``) from their environment.
+    """
+    quoted = " ".join(shlex.quote(str(c)) for c in command)
+    body = [
+        "#!/bin/bash",
+        f"# written by sgexp ({time.strftime('%Y-%m-%d %H:%M:%S')}); resubmit with: sbatch <this file>",
+        *spec.header(),
+        "set -euo pipefail",
+        f"cd {shlex.quote(str(workdir))}",
+        "export PYTHONUNBUFFERED=1",
+        "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}  # torch's threads per task",
+        'echo "sgexp: job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}, $(date)"',
+        *setup,
+        f"srun --kill-on-bad-exit=1 {quoted}" if srun else quoted,
+        "",
+    ]
+    return "\n".join(body)
+
+
+def require_sbatch() -> str:
+    """The sbatch executable, or a clear error before anything is written."""
+    path = shutil.which("sbatch")
+    if path is None:
+        raise fail("launcher", "slurm", "needs `sbatch` on PATH (run on a SLURM login node)")
+    return path
+
+
+def submit(script: Path) -> str:
+    """``sbatch --parsable SCRIPT`` → the job id (``123`` or ``123`` for an array's parent)."""
+    sbatch = require_sbatch()
+    done = subprocess.run([sbatch, "--parsable", str(script)], capture_output=True, text=True, check=False)
+    if done.returncode != 0:
+        raise RuntimeError(f"sbatch {script} failed ({done.returncode}): {done.stderr.strip() or done.stdout.strip()}")
+    return done.stdout.strip().split(";")[0]  # "jobid[;cluster]"
+
+
+def active(job_id: str) -> list[str]:
+    """States of the job's (or array's) pending/running parts, [] once all have left the queue."""
+    done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False)
+    if done.returncode != 0:  # squeue forgets finished jobs: "Invalid job id specified"
+        return []
+    return done.stdout.split()
+
+
+def wait(job_id: str, timeout: float, poll: float = 2.0, on_poll=None) -> None:
+    """Block until job ``job_id`` (all array tasks) left the queue; TimeoutError after ``timeout`` s."""
+    deadline = time.monotonic() + timeout
+    while states := active(job_id):
+        if on_poll is not None:
+            on_poll(states)
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"SLURM job {job_id} still {sorted(set(states))} after {timeout:.0f} s")
+        time.sleep(poll)
+
+
+def inside_job() -> bool:
+    """True in a batch job or a step of one (not on a login node)."""
+    return "SLURM_JOB_ID" in os.environ
