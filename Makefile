@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sgexp-installed
 
-.PHONY: install train eval sweep ui test test-slow lint flops clean
+.PHONY: install train train-slurm slurm-up slurm-down eval sweep reproduce ui test test-slow lint flops clean prepare-latents
 
 # make train [EXP=mnist_dense] [resume=RUN_DIR_OR_CKPT] [ARGS="trainer.max_steps=500 ..."]
 EXP    ?= mnist_tread
@@ -23,6 +23,27 @@ $(STAMP): pyproject.toml constraints.txt
 train: $(STAMP)
 	$(PY) -m sgexp.train $(TRAIN_ARGS)
 
+# make train-slurm EXP=imagenet256_sit_xl2_tread NODES=4 GPUS=8 [ARGS="launcher.partition=gpu launcher.account=me"]
+# Submits an sbatch job (configs/launcher/slurm.yaml; script and logs in <run_dir>/slurm/); GPUS=0: CPU tasks.
+NODES ?= 1
+GPUS  ?= 8
+train-slurm: $(STAMP)
+	$(PY) -m sgexp.train $(TRAIN_ARGS) launcher=slurm launcher.nodes=$(NODES) launcher.gpus_per_node=$(GPUS)
+
+# A real single-node SLURM cluster on this machine (root; Debian packages; what the `slurm` tests use).
+slurm-up:
+	scripts/slurm/local_slurm.sh start
+slurm-down:
+	scripts/slurm/local_slurm.sh stop
+
+# SD-VAE latents of a prepared image dataset (resumable: run it again after an interruption):
+# make prepare-latents [IMAGES=data/shards/imagenet256] [VAE=models/sd-vae-ft-ema] [ARGS="--workers 8 --batch-size 128"]
+# One process per visible GPU by default (--workers N); many nodes: torchrun ... -m sgexp.data prepare latents ...
+IMAGES ?= data/shards/imagenet256
+VAE    ?= models/sd-vae-ft-ema
+prepare-latents: $(STAMP)
+	$(PY) -m sgexp.data prepare latents --images $(IMAGES) --vae $(VAE) --flip $(ARGS)
+
 # make eval [ckpt=RUN_DIR_OR_CKPT] [ARGS="guidance=[none,cfg,sg,cfg_sg] num_samples=2000"]
 eval: $(STAMP)
 	$(PY) -m sgexp.evaluate checkpoint=$(or $(ckpt),latest) $(ARGS)
@@ -31,6 +52,12 @@ eval: $(STAMP)
 STUDY ?= sparsity_pareto
 sweep: $(STAMP)
 	$(PY) -m sgexp.sweep --study $(STUDY) $(ARGS)
+
+# make reproduce [PRESET=smoke] [ARGS=--report-only]: docs/results.md and its PNGs (sgexp/reproduce).
+# Resumable: re-run the same command after an interruption; finished stages are skipped.
+PRESET ?= full
+reproduce: $(STAMP)
+	$(PY) -m sgexp.reproduce --preset $(PRESET) $(ARGS)
 
 # MLflow UI on the default local store: runs/mlflow.db, artifacts in runs/mlartifacts.
 # One worker and no job runner (~0.5 GB, 2 processes; the default starts ~15 processes, ~3 GB).

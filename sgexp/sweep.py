@@ -4,7 +4,7 @@
     python -m sgexp.sweep --study cfg_scale --workers 2 --n-trials 20
     python -m sgexp.sweep --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
     python -m sgexp.sweep --study sparsity_pareto --report              # report only, from the storage
-    python -m sgexp.sweep --study sparsity_pareto --slurm-array 8 --slurm-args "--partition=gpu --gpus=1" \
+    python -m sgexp.sweep --study sparsity_pareto --slurm-array 8 --slurm-args="--partition=gpu --gpus=1" \
         --tracking-uri http://login1:5000                               # 8 SLURM worker jobs, one journal
 
 Re-running a command resumes its study (same storage: ``runs/optuna/<study>.log`` by default). Ends with
@@ -33,7 +33,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
     slurm = parser.add_argument_group("SLURM (see sgexp.sweeps.slurm)")
     slurm.add_argument("--slurm-array", type=int, metavar="K", help="submit K worker jobs (a job array) and return")
-    slurm.add_argument("--slurm-args", default="", help="more sbatch options: --slurm-args=\"--partition=gpu --time=4:00:00\"")
+    slurm.add_argument("--slurm-args", default="", help='more sbatch options: --slurm-args="--partition=gpu --time=60"')
     slurm.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per worker job (%(default)s)")
     slurm.add_argument("--wait", action="store_true", help="with --slurm-array: wait for the workers, then report")
     slurm.add_argument("--wait-timeout", type=float, default=7 * 24 * 3600, help="seconds (%(default)s)")

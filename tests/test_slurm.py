@@ -13,6 +13,7 @@ One 2-task job fills this 2-core node, so jobs run one after another: every wait
 from __future__ import annotations
 
 import json
+import os
 import re
 import shutil
 import subprocess
@@ -44,6 +45,8 @@ def cluster_state() -> str | None:
 
 
 STATE = cluster_state()
+if os.environ.get("SGEXP_REQUIRE_SLURM") == "1" and (STATE is None or STATE.endswith("*")):
+    raise RuntimeError(f"SGEXP_REQUIRE_SLURM=1 but no SLURM cluster answers (sinfo: {STATE})")
 pytestmark = [
     pytest.mark.slurm,
     pytest.mark.skipif(
