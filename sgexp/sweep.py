@@ -65,6 +65,8 @@ def main(argv: list[str] | None = None) -> dict:
     from sgexp.sweeps.progress import LiveProgress, print_summary
 
     args = parse(argv)
+    if args.slurm_array is not None and args.slurm_array < 1:
+        raise ValueError(f"--slurm-array={args.slurm_array} is invalid: the number of worker jobs, an integer >= 1")
     if args.slurm_array is not None and args.workers != 1:
         raise ValueError(f"--workers={args.workers} is invalid with --slurm-array: each array task is one worker")
     console = Console(stderr=True)

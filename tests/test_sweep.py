@@ -234,7 +234,7 @@ def test_invalid_study_fails_on_load(overrides, match):
 
 
 def test_bad_input_fails_before_any_trial(trained, tmp_path):
-    with pytest.raises(ValueError, match=r"study='nope' is invalid: .*\['cfg_scale', 'sg_vs_cfg', 'sparsity_pareto'\]"):
+    with pytest.raises(ValueError, match=r"study='nope' is invalid: .*'cfg_scale', .*'sg_vs_cfg', 'sparsity_pareto'\]"):
         sweep.main(["--study", "nope"])
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="storage=.* is invalid: cannot open the journal file"):
@@ -246,8 +246,10 @@ def test_bad_input_fails_before_any_trial(trained, tmp_path):
     assert optuna.get_all_study_names(open_storage(str(tmp_path / "study.log"))) == []
     with pytest.raises(ValueError, match="workers=0 is invalid"):
         sweep.main(cli_args(trained, tmp_path, "--workers", "0"))
-    with pytest.raises(NotImplementedError, match="--slurm-array is reserved"):
-        sweep.main(cli_args(trained, tmp_path, "--slurm-array"))
+    with pytest.raises(ValueError, match="--slurm-array=0 is invalid: the number of worker jobs"):
+        sweep.main(cli_args(trained, tmp_path, "--slurm-array", "0"))
+    with pytest.raises(ValueError, match="--workers=2 is invalid with --slurm-array"):
+        sweep.main(cli_args(trained, tmp_path, "--slurm-array", "2", "--workers", "2"))
     with pytest.raises(ValueError, match="is not in .* which holds \\[\\]"):
         sweep.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
 
