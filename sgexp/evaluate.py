@@ -92,6 +92,7 @@ def run(cfg: DictConfig) -> dict:
         "dataset": evaluator.dataset,
         "metric": evaluator.metric,
         "reference_split": cfg.reference_split,
+        "reference": evaluator.reference_name,  # dataset/split, or the ADM reference batch file
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
         "rows": rows,
@@ -109,8 +110,7 @@ def _print_table(results: dict) -> None:
     from rich.table import Table
 
     table = Table(
-        title=f"{results['metric']} vs {results['dataset']}/{results['reference_split']}, "
-        f"{results['num_samples']} samples, step {results['step']}"
+        title=f"{results['metric']} vs {results['reference']}, {results['num_samples']} samples, step {results['step']}"
     )
     for key, _ in COLUMNS:
         table.add_column(key.replace("_", " "), justify="left" if key in ("setting", "strong", "weak") else "right")

@@ -2,7 +2,8 @@
 
 The readers are imported on first use: ``shards`` pulls in torch (~3 s) and
 ``datamodule`` lightning (~10 s), which ``python -m sgexp.data prepare`` on an
-already prepared dataset should not pay.
+already prepared dataset should not pay; ``prepare_latents`` (``latents``) needs
+diffusers, which nothing else does.
 """
 
 import importlib
@@ -19,6 +20,7 @@ from sgexp.data.prepare import (
 
 _LAZY = {
     "ShardDataModule": "sgexp.data.datamodule",
+    "prepare_latents": "sgexp.data.latents",
     "BadSamples": "sgexp.data.shards",
     "ShardError": "sgexp.data.shards",
     "TrainStream": "sgexp.data.shards",

@@ -9,13 +9,18 @@ import torch
 from torch.utils.data import DataLoader
 
 from sgexp.checks import check_positive_int, fail
+from sgexp.data.latent_format import check_hflip, is_latent
 from sgexp.data.shards import BadSamples, TrainStream, eval_dataset, read_meta, shard_urls
 
 
 class ShardDataModule(L.LightningDataModule):
     """Batches ``(images float32 (B, C, R, R) in [-1, 1], labels int64 (B,))`` from ``root``.
 
-    ``root`` is a prepared dataset directory (with meta.json). Training is an
+    ``root`` is a prepared dataset directory (with meta.json), whose word decides what
+    a sample is: for a latent dataset (``"format": "latent"``) a batch holds scaled VAE
+    latents instead, a fresh posterior sample ``scale · (mean + std·ε − shift)`` per
+    training step and the posterior mean for validation; ``channels`` and ``resolution``
+    are then the latents' and ``hflip`` picks the stored latents of the mirror image. Training is an
     endless resampled stream, or ``max_steps * accumulate_grad_batches`` batches
     per rank when ``max_steps`` is given (None or -1: endless), and resumes
     where the checkpoint stopped: ``train_dataloader()`` starts at batch
@@ -55,10 +60,13 @@ class ShardDataModule(L.LightningDataModule):
             raise fail("seed", seed, "must be an integer")
         self.root = Path(root)
         self.meta = read_meta(self.root)
+        check_hflip(self.meta, hflip, str(self.root))
+        self.latent: bool = is_latent(self.meta)
         self.num_classes: int = self.meta["num_classes"]
         self.channels: int = self.meta["channels"]
         self.resolution: int = self.meta["resolution"]
         self.batch_size, self.num_workers = batch_size, num_workers
+        self._val_batch_size = val_batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.hflip, self.strict, self.seed = hflip, strict, seed
         self.shuffle_buffer, self.max_steps = shuffle_buffer, max_steps
@@ -89,6 +97,24 @@ class ShardDataModule(L.LightningDataModule):
         if torch.distributed.is_available() and torch.distributed.is_initialized():
             return torch.distributed.get_rank(), torch.distributed.get_world_size()
         return 0, 1
+
+    def set_global_batch_size(self, global_batch_size: int, world_size: int, accumulate: int = 1) -> int:
+        """Per-device batch size for a global batch: ``global / (world_size · accumulate)``, which must divide.
+
+        The recipe's batch (256 for the SG paper) then holds on 1 GPU or N nodes alike.
+        """
+        check_positive_int("global_batch_size", global_batch_size)
+        share = world_size * accumulate
+        if global_batch_size % share:
+            raise fail(
+                "global_batch_size",
+                global_batch_size,
+                f"must be a multiple of devices x nodes x accumulate_grad_batches = {world_size} x {accumulate}",
+            )
+        self.batch_size = global_batch_size // share
+        if self._val_batch_size is None:
+            self.val_batch_size = self.batch_size
+        return self.batch_size
 
     @property
     def bad_samples(self) -> dict[str, int]:

@@ -3,8 +3,10 @@
 Training stream (per rank r, DataLoader worker role w of W):
 
     shards drawn with replacement from RNG(seed, r, w)  ->  tar samples  ->  field check
-      ->  shuffle buffer RNG(seed, r, w)  ->  flip bit RNG(seed, r, w)  ->  batches of raw bytes
-      ->  skip the batches already trained on  ->  PNG decode  ->  (images in [-1, 1], labels)
+      ->  shuffle buffer RNG(seed, r, w)  ->  flip bit RNG(seed, r, w)  [-> ε seed RNG(seed, r, w)]
+      ->  batches of raw bytes  ->  skip the batches already trained on
+      ->  PNG decode  ->  (images in [-1, 1], labels)
+          or latent decode  ->  (scale · (mean + std·ε − shift), labels)    (``latent_format``)
 
 Global batch j of a rank comes from role j % W (PyTorch hands out worker batches
 round-robin), so the stream is a pure function of (seed, rank, W, batch size)
@@ -36,6 +38,7 @@ from PIL import Image
 from webdataset.tariterators import base_plus_ext, group_by_keys, tar_file_expander, url_opener
 
 from sgexp.checks import check_choice
+from sgexp.data import latent_format
 from sgexp.data.prepare import BUILTIN
 
 log = logging.getLogger(__name__)
@@ -172,23 +175,23 @@ def _resampled_shards(urls: list[str], rng: random.Random, progress: dict, patie
         yield {"url": rng.choice(urls)}
 
 
-def _checked(
-    samples: Iterable[dict], num_classes: int, bad: BadSamples, progress: dict | None = None
-) -> Iterator[dict]:
-    """Keep samples with a PNG and a valid label. Cheap (no decoding), so it runs before any skip."""
+def _checked(samples: Iterable[dict], meta: dict, bad: BadSamples, progress: dict | None = None) -> Iterator[dict]:
+    """Keep samples with the format's fields (PNG, or latent mean and std) and a valid label.
+    Cheap (no decoding), so it runs before any skip."""
+    num_classes, names = meta["num_classes"], latent_format.sample_fields(meta)
     for sample in samples:
         url, key = sample.get("__url__", "<unknown shard>"), sample.get("__key__")
         try:
             label = int(sample["cls"])
             if not 0 <= label < num_classes:
                 raise ValueError(f"label {label} outside [0, {num_classes})")
-            png = sample["png"]
+            fields = {name: sample[name] for name in names}
         except (KeyError, ValueError) as exn:
             bad.report(url, f"sample {key}: missing or invalid field ({type(exn).__name__}: {exn})")
             continue
         if progress is not None:
             progress["samples"] += 1
-        yield {"key": key, "url": url, "png": png, "label": label, "flip": False}
+        yield {"key": key, "url": url, "fields": fields, "label": label, "flip": False}
 
 
 def _with_flips(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
@@ -210,7 +213,7 @@ def _decoded(
         images, labels, keys = [], [], []
         for sample in batch:
             try:
-                with Image.open(io.BytesIO(sample["png"])) as image:
+                with Image.open(io.BytesIO(sample["fields"]["png"])) as image:
                     array = np.asarray(image)
                 want = (resolution, resolution) if channels == 1 else (resolution, resolution, channels)
                 if array.shape != want or array.dtype != np.uint8:
@@ -234,6 +237,20 @@ def _for_model(batches: Iterable[tuple], return_keys: bool = False) -> Iterator[
     for images, labels, keys in batches:
         batch = (torch.from_numpy(images).float() / 127.5 - 1.0, torch.from_numpy(labels))
         yield (*batch, keys) if return_keys else batch
+
+
+def _decode_stage(meta: dict, bad: BadSamples):
+    """Raw sample lists -> arrays, for the dataset's format (meta.json's word)."""
+    if latent_format.is_latent(meta):
+        return partial(latent_format.decode_latents, meta=meta, bad=bad)
+    return partial(_decoded, channels=meta["channels"], resolution=meta["resolution"], bad=bad)
+
+
+def _model_stage(meta: dict, return_keys: bool = False):
+    """Arrays -> model inputs: images in [-1, 1], or scaled latents."""
+    if latent_format.is_latent(meta):
+        return partial(latent_format.latents_for_model, meta=meta, return_keys=return_keys)
+    return partial(_for_model, return_keys=return_keys)
 
 
 def split_by_rank(src: Iterable, rank: int, world_size: int) -> Iterator:
@@ -287,16 +304,19 @@ class TrainStream(torch.utils.data.IterableDataset):
         stop = None if self.total_batches is None else batches_before(self.total_batches, role, workers)
         progress = {"samples": 0}
         shards = partial(_resampled_shards, self.urls, random.Random(f"shards/{stream}"), progress, 20 * len(self.urls))
+        latent = latent_format.is_latent(self.meta)
         pipeline = wds.DataPipeline(
             shards,
             _tar_samples(self.meta, self.bad),
-            partial(_checked, num_classes=self.meta["num_classes"], bad=self.bad, progress=progress),
+            partial(_checked, meta=self.meta, bad=self.bad, progress=progress),
             wds.shuffle(self.shuffle_buffer, seed=f"shuffle/{stream}"),
             partial(_with_flips, rng=random.Random(f"flips/{stream}")) if self.hflip else None,
+            # a fresh posterior sample per step, reproducible after a resume
+            partial(latent_format.with_noise_seeds, rng=random.Random(f"noise/{stream}")) if latent else None,
             wds.batched(self.batch_size, collation_fn=None),
             wds.slice(skip, stop),  # batches already trained on are dropped before decoding
-            partial(_decoded, channels=self.meta["channels"], resolution=self.meta["resolution"], bad=self.bad),
-            _for_model,
+            _decode_stage(self.meta, self.bad),
+            _model_stage(self.meta),
         )
         return iter(pipeline)
 
@@ -304,15 +324,19 @@ class TrainStream(torch.utils.data.IterableDataset):
 def split_pipeline(
     urls: list[str], meta: dict, batch_size: int, bad: BadSamples, rank: int = 0, world_size: int = 1
 ) -> wds.DataPipeline:
-    """One ordered pass over a split; yields (uint8 images, int64 labels, keys), last batch partial."""
+    """One ordered pass over a split; yields (uint8 images, int64 labels, keys), last batch partial.
+
+    For a latent dataset the first element is float32 (B, 2, C, h, w): the stored
+    posterior [mean, std], unscaled.
+    """
     return wds.DataPipeline(
         wds.SimpleShardList(urls),
         partial(split_by_rank, rank=rank, world_size=world_size),
         wds.split_by_worker,
         _tar_samples(meta, bad),
-        partial(_checked, num_classes=meta["num_classes"], bad=bad),
+        partial(_checked, meta=meta, bad=bad),
         wds.batched(batch_size, collation_fn=None, partial=True),
-        partial(_decoded, channels=meta["channels"], resolution=meta["resolution"], bad=bad),
+        _decode_stage(meta, bad),
     )
 
 
@@ -325,9 +349,12 @@ def eval_dataset(
     world_size: int = 1,
     return_keys: bool = False,
 ) -> wds.DataPipeline:
-    """``split_pipeline`` as model batches ``(images in [-1, 1], labels)`` (+ keys, for tests)."""
+    """``split_pipeline`` as model batches ``(images in [-1, 1], labels)`` (+ keys, for tests).
+
+    Latent datasets give the posterior mean, scaled: validation is deterministic.
+    """
     pipeline = split_pipeline(urls, meta, batch_size, bad, rank, world_size)
-    return pipeline.compose(partial(_for_model, return_keys=return_keys))
+    return pipeline.compose(_model_stage(meta, return_keys))
 
 
 def read_split(root: str | Path, split: str = "val", strict: bool = True) -> tuple[torch.Tensor, torch.Tensor]:
@@ -335,12 +362,15 @@ def read_split(root: str | Path, split: str = "val", strict: bool = True) -> tup
 
     For reference statistics and tests. Strict by default: reference statistics
     over silently shortened data would be wrong without anyone noticing.
+    Latent datasets give float32 (N, 2, C, h, w): the stored posterior [mean, std].
     """
     check_choice("split", split, ("train", "val"))
     meta = read_meta(root)
     batches = list(split_pipeline(shard_urls(root, meta, split), meta, 1024, BadSamples(strict)))
     if not batches:
         c, r = meta["channels"], meta["resolution"]
+        if latent_format.is_latent(meta):
+            return torch.zeros(0, 2, c, r, r), torch.zeros(0, dtype=torch.int64)
         return torch.zeros(0, c, r, r, dtype=torch.uint8), torch.zeros(0, dtype=torch.int64)
     images = torch.from_numpy(np.concatenate([b[0] for b in batches]))
     labels = torch.from_numpy(np.concatenate([b[1] for b in batches]))

@@ -29,6 +29,7 @@ _LAZY = {
     "precision_recall": "sgexp.eval.metrics",
     "reference_stats": "sgexp.eval.metrics",
     "stats_path": "sgexp.eval.metrics",
+    "load_reference_batch": "sgexp.eval.reference_batch",
 }
 
 __all__ = list(_LAZY)

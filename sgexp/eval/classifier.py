@@ -157,6 +157,8 @@ def train_classifier(
         raise fail("lr", lr, "learning rate must be > 0")
     dataset_dir = Path(dataset_dir)
     meta = read_meta(dataset_dir)
+    if meta.get("format") == "latent":
+        raise fail("dataset_dir", str(dataset_dir), f"holds latents: train on its image dataset {meta['source']}")
     x_train, y_train = read_split(dataset_dir, "train")
     x_val, y_val = read_split(dataset_dir, "val")
     if len(x_train) == 0 or len(x_val) == 0:

@@ -2,7 +2,8 @@
 
 ``python -m sgexp.evaluate`` and every sweep worker load a checkpoint's EMA model (and
 AutoGuidance's weak model), the feature extractor and its reference statistics the same
-way, through ``load_evaluator``; ``Evaluator.score`` returns one results row.
+way, through ``load_evaluator``; ``Evaluator.score`` returns one results row. A model
+trained on latents is scored on decoded images: the dataset's meta.json names the VAE.
 """
 
 from __future__ import annotations
@@ -79,6 +80,8 @@ class Evaluator:
     sampler: Any
     device: torch.device
     batch_size: int
+    decode: Any = None  # latents -> images in [-1, 1] (sgexp.vae.LatentVAE) for latent datasets
+    reference_name: str = ""  # what the statistics are of, for reports
 
     @property
     def metric(self) -> str:
@@ -93,7 +96,7 @@ class Evaluator:
         [built] = make_settings({name: setting})
         row, images = score_setting(
             built, self.models, self.configs, self.sampler, self.extractor, self.reference, num_samples,
-            seed, self.batch_size, self.device, grid_size=grid_size if grid else 0, progress=progress,
+            seed, self.batch_size, self.device, self.decode, grid_size=grid_size if grid else 0, progress=progress,
         )  # fmt: skip
         if images is not None and grid is not None:
             row["grid"] = str(save_grid(images, grid, nrow=min(self.configs["main"].num_classes, 10, len(images))))
@@ -103,9 +106,13 @@ class Evaluator:
 def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
     """Load everything once, before any sampling: a missing checkpoint, classifier or
     Inception weights file fails here, not after an hour of work. ``cfg`` has the keys of
-    ``configs/evaluate.yaml`` (checkpoint, weak_checkpoint, device, paths, extractor, ...)."""
+    ``configs/evaluate.yaml`` (checkpoint, weak_checkpoint, device, paths, extractor, ...);
+    ``vae`` (where the dataset's VAE is, if not where meta.json says) and ``reference_batch``
+    (an ADM reference npz instead of the dataset's statistics) are optional."""
+    from sgexp.data import read_meta
     from sgexp.diffusion.sampler import Sampler
     from sgexp.eval import build_extractor, reference_stats
+    from sgexp.eval.reference_batch import load_reference_batch
 
     auto = cfg.device == "auto"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.device)
@@ -126,6 +133,18 @@ def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
     if name == "auto":
         name = "classifier" if (data_dir / "classifier.pt").is_file() else "inception"
     extractor = build_extractor(name, data_dir, device=device, weights=cfg.inception_weights)
-    reference = reference_stats(extractor, data_dir, cfg.reference_split, device=device)
+    decode = None
+    meta = read_meta(data_dir)
+    if meta.get("format") == "latent":
+        from sgexp.vae import vae_for_dataset
+
+        decode = vae_for_dataset(meta, cfg.get("vae"), device)
+    if cfg.get("reference_batch"):
+        reference = load_reference_batch(cfg.reference_batch, extractor, device=device)
+        reference_name = str(cfg.reference_batch)
+    else:
+        reference = reference_stats(extractor, data_dir, cfg.reference_split, device=device)
+        reference_name = f"{dataset}/{cfg.reference_split}"
     sampler = Sampler(cfg.sampler.solver, cfg.sampler.steps)
-    return Evaluator(ckpt, dataset, models, configs, extractor, reference, sampler, device, cfg.batch_size)
+    return Evaluator(ckpt, dataset, models, configs, extractor, reference, sampler, device, cfg.batch_size, decode,
+                     reference_name)  # fmt: skip

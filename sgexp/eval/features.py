@@ -284,9 +284,12 @@ def build_extractor(
 
     ``weights`` is the Inception file and is ignored by the classifier, which always
     loads ``<dataset_dir>/classifier.pt`` (so a caller may pass it unconditionally).
+    For a latent dataset the extractor takes the decoded images (their channels are in
+    meta.json), and the classifier is the one of the image dataset it was encoded from.
     Fails here, before any sampling, when weights are missing.
     """
     from sgexp.data import read_meta
+    from sgexp.data.latent_format import image_channels, image_dataset_dir
 
     check_choice("name", name, (*EXTRACTORS, *ALIASES))
     dataset_dir = Path(dataset_dir)
@@ -300,8 +303,10 @@ def build_extractor(
             )
         name = ALIASES[name]
     if name == "inception":
-        extractor = InceptionExtractor(inception_weights(weights), meta["channels"])
+        extractor = InceptionExtractor(inception_weights(weights), image_channels(meta))
     else:
+        dataset_dir = image_dataset_dir(dataset_dir, meta)
+        meta = read_meta(dataset_dir)
         path = dataset_dir / CHECKPOINT
         if not path.is_file():
             raise FileNotFoundError(

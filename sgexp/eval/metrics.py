@@ -276,13 +276,19 @@ def reference_stats(
     batch_size: int = 256,
     max_features: int = 10000,
 ) -> ReferenceStats:
-    """Statistics of the dataset's ``split`` under ``extractor``: from the cache, or computed once and cached."""
+    """Statistics of the dataset's ``split`` under ``extractor``: from the cache, or computed once and cached.
+
+    A latent dataset is scored against the real images it was encoded from (its image
+    dataset, whose cache it shares), not against VAE reconstructions.
+    """
     from sgexp.data import read_meta
+    from sgexp.data.latent_format import image_dataset_dir
 
     check_choice("split", split, ("train", "val"))
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_features", max_features)
     dataset_dir = Path(dataset_dir)
+    dataset_dir = image_dataset_dir(dataset_dir, read_meta(dataset_dir))
     meta = read_meta(dataset_dir)
     dataset, path = _dataset_identity(meta, split), stats_path(dataset_dir, extractor.name, split)
     cached = _load(path)
@@ -328,7 +334,8 @@ def metrics_from_features(
     if min(len(real), n) > 3:
         metrics["precision"], metrics["recall"] = precision_recall(real, features, k=3)
     else:
-        log.warning("precision/recall need more than 3 samples, got %d: reported as nan", n)
+        log.warning("precision/recall need more than 3 samples and reference features, got %d and %d: reported as nan",
+                    n, len(real))  # fmt: skip
         metrics["precision"] = metrics["recall"] = float("nan")
     if logits is not None:
         probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()

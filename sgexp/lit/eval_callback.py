@@ -46,6 +46,8 @@ class GuidedSamplingEval(L.Callback):
 
     ``extractor`` is a built feature extractor with its ``reference`` statistics, or
     None for grids and timing only (e.g. before the dataset's classifier is trained).
+    ``decode`` turns a latent model's samples into images in [-1, 1] (a
+    ``sgexp.vae.LatentVAE``, moved to the model's device) before features and grids.
     Sampling is spread over all ranks; rank 0 logs.
     """
 
@@ -61,8 +63,10 @@ class GuidedSamplingEval(L.Callback):
         seed: int = 0,
         grid_size: int = 100,
         every_n_steps: int = 0,
+        decode=None,
     ):
         self.out_dir = Path(out_dir)
+        self.decode = decode
         self.settings = make_settings(settings)
         self.extractor, self.reference = extractor, reference
         self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
@@ -87,6 +91,8 @@ class GuidedSamplingEval(L.Callback):
         self._last_step = step
         if self.extractor is not None:
             self.extractor.to(pl_module.device)
+        if self.decode is not None:
+            self.decode.to(pl_module.device)
         models, configs = {"main": pl_module.ema.model}, {"main": pl_module.config}
         rows = []
         for setting in self.settings:
@@ -101,6 +107,7 @@ class GuidedSamplingEval(L.Callback):
                 self.seed,
                 self.batch_size,
                 pl_module.device,
+                self.decode,
                 grid_size=self.grid_size,
             )
             row["step"] = step
