@@ -84,5 +84,11 @@ flops: $(STAMP)
 	$(PY) -m sgexp.flops --model SiT-XL/2 --image-size 256 --channels 4 --route 2:24 --guidance sg \
 		--scale 1.5 --gamma-strong 0.5 --gamma-weak 0.9
 
+# CPU benchmarks (~6 min on 2 cores): rich tables, JSON in benchmarks/results/ (git-ignored).
+# make bench [ARGS="--quick" or "--threads 0"]; on a GPU machine: bash benchmarks/gpu.sh
+.PHONY: bench
+bench: $(STAMP)
+	$(PY) -m benchmarks.run_all $(ARGS)
+
 clean:
 	rm -rf $(VENV) .pytest_cache .ruff_cache build *.egg-info

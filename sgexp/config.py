@@ -101,6 +101,7 @@ class GuidanceSetting:
     gamma_strong: str = "0"  # a number or "cosine:START:END"
     gamma_weak: str = "0"
     interval: list[float] | None = None  # [t_lo, t_hi]: guide only there
+    share_prefix: bool = True  # SG: run the dense prefix before the first routed block once for both branches
 
 
 def default_settings() -> dict[str, Any]:

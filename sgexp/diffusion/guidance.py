@@ -19,13 +19,21 @@ their two branches:
 
 ``Guidance.passes`` lists the passes of a step without running anything, so the
 FLOPs model prices a rule from the same description the sampler executes.
+
+Prefix sharing (beyond the paper): when both passes of a step use the same
+model and the same label (SG), they see the same x_t, t and conditioning, so
+every block before the first routed block computes the same activations in
+both. ``evaluate`` runs that prefix once and branches after it (bit-identical
+to two separate passes); ``Guidance.share_prefix`` switches it off, and the
+FLOPs model prices whichever is in force. CFG, CFG+SG and AutoGuidance branches
+differ in label or model, so nothing is shared there.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import torch
 
@@ -129,9 +137,12 @@ class Guidance:
     strong: Branch = field(default_factory=Branch)
     weak: Branch | None = None
     interval: tuple[float, float] | None = None
+    share_prefix: bool = True  # run the blocks before the first routed block once when the passes allow it
 
     def __post_init__(self) -> None:
         check_guidance_scale("guidance.scale", self.scale)
+        if not isinstance(self.share_prefix, bool):
+            raise fail("guidance.share_prefix", self.share_prefix, "must be true or false")
         object.__setattr__(self, "interval", check_time_interval("guidance.interval", self.interval))
 
     @property
@@ -150,6 +161,10 @@ class Guidance:
         if not self.guided_at(t):
             return [strong]
         return [self.weak.at(step, num_steps), strong]
+
+    def shares_prefix(self, passes: list[Pass]) -> bool:
+        """Whether ``passes`` (one evaluation) run their common dense prefix once."""
+        return self.share_prefix and can_share_prefix(passes)
 
     def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Outputs of ``passes`` in the same order -> the guided prediction."""
@@ -172,7 +187,14 @@ class Guidance:
             "strong": str(self.strong),
             "weak": str(self.weak) if self.weak else None,
             "interval": list(self.interval) if self.interval else None,
+            "share_prefix": self.share_prefix,
         }
+
+
+def can_share_prefix(passes: list[Pass]) -> bool:
+    """Two passes of one model with the same label choice: they agree on everything
+    (x_t, t, conditioning) up to the first block that either of them routes."""
+    return len(passes) == 2 and passes[0].model == passes[1].model and passes[0].conditional == passes[1].conditional
 
 
 def evaluate(
@@ -185,10 +207,24 @@ def evaluate(
     num_steps: int,
     generator=None,
 ) -> torch.Tensor:
-    """Run the passes of ``rule`` at (x, t) and combine them. x (B, C, H, W), labels (B,)."""
+    """Run the passes of ``rule`` at (x, t) and combine them. x (B, C, H, W), labels (B,).
+
+    With prefix sharing the common prefix runs once (models that offer
+    ``forward_prefix``/``forward_suffix``, in eval mode: in training mode label
+    dropout would draw once instead of twice). The routing masks are drawn in
+    the same order as without sharing, so the result is bit-identical.
+    """
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
+    passes = rule.passes(step, num_steps, t)
+    model = models[passes[0].model]
+    if rule.shares_prefix(passes) and hasattr(model, "forward_prefix") and not model.training:
+        y = labels if passes[0].conditional else torch.full_like(labels, model.null_label)
+        num_blocks = model.shared_prefix_blocks([p.sparsity for p in passes])
+        prefix = model.forward_prefix(x, t_batch, y, num_blocks)
+        outputs = [model.forward_suffix(prefix, sparsity=p.sparsity, generator=generator) for p in passes]
+        return rule.combine(outputs)
     outputs = []
-    for p in rule.passes(step, num_steps, t):
+    for p in passes:
         model = models[p.model]
         y = labels if p.conditional else torch.full_like(labels, model.null_label)
         outputs.append(model(x, t_batch, y, sparsity=p.sparsity, generator=generator))
@@ -217,17 +253,22 @@ def sparse_guidance(
     strong_sparsity: float | str | Schedule = 0.5,
     weak_sparsity: float | str | Schedule = 0.9,
     interval: tuple[float, float] | None = None,
+    share_prefix: bool = True,
 ) -> Guidance:
     """Sparse Guidance (Eq. 7): D(c;γ_w) + w·(D(c;γ_s) − D(c;γ_w)), both conditional.
 
-    With constant schedules the weak branch must be sparser: γ_s < γ_w.
+    With constant schedules the weak branch must be sparser: γ_s < γ_w. Both
+    branches see the same x_t and label, so by default the blocks before the
+    first routed block run once (``share_prefix``; bit-identical either way).
     """
     strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
     if isinstance(strong, Constant) and isinstance(weak, Constant) and strong.value >= weak.value:
         raise fail(
             "gamma_strong", strong.value, f"Sparse Guidance needs gamma_strong < gamma_weak (gamma_weak={weak.value})"
         )
-    return Guidance("sg", scale, strong=Branch(sparsity=strong), weak=Branch(sparsity=weak), interval=interval)
+    return Guidance(
+        "sg", scale, Branch(sparsity=strong), Branch(sparsity=weak), interval=interval, share_prefix=share_prefix
+    )
 
 
 def cfg_sparse_guidance(
@@ -266,9 +307,17 @@ def build_guidance(
     gamma_strong: float | str | Schedule = 0.0,
     gamma_weak: float | str | Schedule = 0.0,
     interval: tuple[float, float] | None = None,
+    share_prefix: bool = True,
 ) -> Guidance:
-    """A rule by name, for configs and command lines (``none`` uses ``gamma_strong``)."""
+    """A rule by name, for configs and command lines (``none`` uses ``gamma_strong``).
+
+    ``share_prefix=False`` runs every pass in full even where the passes could
+    share their dense prefix (see the module docstring)."""
     check_choice("guidance", rule, RULES)
+    return replace(_build(rule, scale, gamma_strong, gamma_weak, interval), share_prefix=share_prefix)
+
+
+def _build(rule, scale, gamma_strong, gamma_weak, interval) -> Guidance:
     if rule == "none":
         return unguided(gamma_strong)
     if rule == "cfg":

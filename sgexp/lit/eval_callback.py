@@ -35,7 +35,8 @@ def make_settings(settings: Mapping[str, Mapping]) -> list[Setting]:
             )
         s = GuidanceSetting(**spec)
         interval = tuple(s.interval) if s.interval else None
-        out.append(Setting(name, build_guidance(s.rule, float(s.scale), s.gamma_strong, s.gamma_weak, interval)))
+        rule = build_guidance(s.rule, float(s.scale), s.gamma_strong, s.gamma_weak, interval, bool(s.share_prefix))
+        out.append(Setting(name, rule))
     return out
 
 

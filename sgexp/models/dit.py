@@ -152,6 +152,28 @@ class DiTConfig:
                 tokens[block] = kept_tokens(self.num_tokens, gamma)
         return tokens
 
+    def first_routed_block(self, sparsity: float | Sequence[float] = 0.0) -> int:
+        """Index of the first block that sees fewer than N tokens at γ (``depth`` if none)."""
+        tokens = self.tokens_per_block(sparsity)
+        return next((i for i, k in enumerate(tokens) if k < self.num_tokens), self.depth)
+
+    def shared_prefix_blocks(self, sparsities: Sequence[float | Sequence[float]]) -> int:
+        """Blocks ``[0, a)`` that passes at these γ (same x, t and label) compute identically.
+
+        ``a`` is the earliest first routed block among them: before it every pass
+        is dense.
+        """
+        return min(self.first_routed_block(s) for s in sparsities)
+
+
+@dataclass
+class Prefix:
+    """State after ``DiT.forward_prefix``: tokens after blocks ``[0, num_blocks)`` and the conditioning."""
+
+    tokens: torch.Tensor  # (B, N, D)
+    c: torch.Tensor  # (B, D): timestep + label embedding, shared by every block
+    num_blocks: int
+
 
 class DiT(nn.Module):
     """Diffusion transformer over p×p patches with optional TREAD routes.
@@ -231,27 +253,65 @@ class DiT(nn.Module):
         ``torch.Generator`` for the batch or one per image, for reproducible
         routing masks (and label dropout in training mode).
         """
+        return self.forward_suffix(self.forward_prefix(x, t, y, 0, generator), sparsity, generator)
+
+    def forward_prefix(
+        self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, num_blocks: int, generator: Generators = None
+    ) -> Prefix:
+        """Embed (x, t, y) and run blocks ``[0, num_blocks)`` densely.
+
+        Passes that agree on x, t and y compute the same prefix up to their first
+        routed block (the conditioning enters every block through adaLN, so the
+        label must agree too); Sparse Guidance runs it once for both branches and
+        continues each with ``forward_suffix``. The ops are those of ``forward``,
+        so the shared path is bit-identical to two separate passes.
+        """
+        if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 0 <= num_blocks <= self.config.depth:
+            raise fail("num_blocks", num_blocks, f"must be an integer in [0, depth={self.config.depth}]")
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
+        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
+        c = self.t_embedder(t) + self.y_embedder(y, generator)  # (B, D)
+        for i in range(num_blocks):
+            tokens = self.blocks[i](tokens, c)
+        return Prefix(tokens, c, num_blocks)
+
+    def forward_suffix(
+        self, prefix: Prefix, sparsity: float | Sequence[float] | None = None, generator: Generators = None
+    ) -> torch.Tensor:
+        """Continue a ``forward_prefix`` state through the remaining blocks at sparsity γ.
+
+        Every route active at this γ must start at or after the prefix's end: the
+        prefix ran densely. ``prefix`` is not modified, so it can feed several
+        suffixes (one per guidance branch).
+        """
+        x, c = prefix.tokens, prefix.c
+        B, N = x.shape[0], self.config.num_tokens
         gammas = resolve_sparsity(self.routes, sparsity, self.training)
-        N = self.config.num_tokens
         # Routes that drop at least one token; γ=0 leaves the dense path untouched.
         active = {r.start: (r, kept_tokens(N, g)) for r, g in zip(self.routes, gammas, strict=True)}
         active = {s: (r, k) for s, (r, k) in active.items() if k < N}
-
-        x = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, generator)  # (B, D)
+        if active and min(active) < prefix.num_blocks:
+            raise fail(
+                "prefix.num_blocks",
+                prefix.num_blocks,
+                f"the prefix ran block {min(active)} densely but sparsity={sparsity} routes it",
+            )
         full = idx = None
-        for i, block in enumerate(self.blocks):
+        for i in range(prefix.num_blocks, self.config.depth):
             if i in active:
                 r, keep = active[i]
                 idx = select_tokens(B, N, keep, generator, device=x.device)  # (B, K)
                 full, x = x, route(x, idx)  # (B, K, D)
-            x = block(x, c)
+            x = self.blocks[i](x, c)
             if full is not None and i == r.end:
                 x, full = unroute(full, x, idx), None  # (B, N, D)
         x = self.final_layer(x, c)  # (B, N, p·p·C)
         return self.unpatchify(x)
+
+    def shared_prefix_blocks(self, sparsities: Sequence[float | Sequence[float]]) -> int:
+        """Blocks that passes at these γ can share (see ``DiTConfig.shared_prefix_blocks``)."""
+        return self.config.shared_prefix_blocks(sparsities)
 
 
 def build_model(name: str, **kwargs) -> DiT:

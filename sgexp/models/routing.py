@@ -126,13 +126,32 @@ def select_tokens(
         if len(generator) != batch:
             raise fail("generator", f"<{len(generator)} generators>", f"need one generator per image ({batch})")
         scores = torch.stack([torch.rand(num_tokens, generator=g, device=g.device) for g in generator])
-    idx = scores.argsort(dim=1)[:, :keep]
-    return idx.sort(dim=1).values.to(device if device is not None else idx.device)
+    idx = scores.argsort(dim=1)[:, :keep].sort(dim=1).values
+    if device is None or idx.device == torch.device(device):
+        return idx
+    if idx.device.type == "cpu" and torch.device(device).type == "cuda":
+        # A pageable host->device copy waits for the GPU to drain; a pinned one is
+        # queued like a kernel, so the host keeps launching the blocks ahead of the GPU.
+        return idx.pin_memory().to(device, non_blocking=True)
+    return idx.to(device)
+
+
+def _rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
+    """(B, K) token indices -> (B·K,) row indices into the tokens flattened to (B·N, D)."""
+    offsets = torch.arange(idx.shape[0], device=idx.device).mul_(num_tokens).unsqueeze(1)  # (B, 1)
+    return (idx + offsets).reshape(-1)
+
+
+# Both directions copy whole D-wide rows (index_select / index_copy) instead of
+# gathering element by element with an index expanded to (B, K, D): the same
+# values, bit for bit, with one index per token instead of one per element
+# (7x faster gather, 2.7x faster scatter on 2 CPU cores; see benchmarks/router.py).
 
 
 def route(x: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
     """Gather the kept tokens: ``(B, N, D), (B, K) -> (B, K, D)``."""
-    return torch.gather(x, 1, idx.unsqueeze(-1).expand(-1, -1, x.shape[-1]))
+    B, N, D = x.shape
+    return x.reshape(B * N, D).index_select(0, _rows(idx, N)).view(B, idx.shape[1], D)
 
 
 def unroute(x_full: torch.Tensor, x_kept: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
@@ -141,4 +160,5 @@ def unroute(x_full: torch.Tensor, x_kept: torch.Tensor, idx: torch.Tensor) -> to
     ``x_full`` (B, N, D) holds every token as it was before the span; the
     skipped tokens come back from it unchanged.
     """
-    return torch.scatter(x_full, 1, idx.unsqueeze(-1).expand(-1, -1, x_full.shape[-1]), x_kept)
+    B, N, D = x_full.shape
+    return x_full.reshape(B * N, D).index_copy(0, _rows(idx, N), x_kept.reshape(-1, D)).view(B, N, D)
