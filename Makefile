@@ -74,8 +74,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check sgexp tests
-	$(PY) -m ruff format --check sgexp tests
+	$(PY) -m ruff check sgexp tests benchmarks
+	$(PY) -m ruff format --check sgexp tests benchmarks
 
 # The paper's SiT-XL/2 numbers: unguided, CFG and SG(0.5, 0.9) per step.
 flops: $(STAMP)
