@@ -1,0 +1,119 @@
+"""Read the outputs of finished stages into one record of numbers (``collect``).
+
+Stages that have not finished are simply missing from the record, so a report can be written at
+any time and says what is still pending.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+from sgexp.reproduce.plan import MODELS, Paths, Preset, Stage
+from sgexp.reproduce.runner import is_done, marker
+
+ROW_KEYS = ("fid", "precision", "recall", "class_accuracy", "gflops_per_sample", "relative_to_cfg")
+ROW_KEYS += ("seconds_per_sample", "num_samples", "grid")
+
+
+def _number(value: Any) -> float:
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return math.nan
+
+
+def _rows(stage: Stage) -> dict[str, dict]:
+    """The evaluation rows of a stage by setting name, with the setting's own numbers added."""
+    results = json.loads(Path(stage.output).read_text())
+    out = {}
+    for row in results["rows"]:
+        setting = stage.info.get("settings", {}).get(row["setting"], {})
+        out[row["setting"]] = {
+            "setting": row["setting"],
+            "rule": row["rule"],
+            "scale": float(row["scale"]),
+            "gamma_strong": _number(setting.get("gamma_strong", 0)),
+            "gamma_weak": _number(setting.get("gamma_weak", 0)),
+            "step": results["step"],
+            "metric": results["metric"],
+            **{k: row.get(k) for k in ROW_KEYS},
+        }
+    return out
+
+
+def _training(stage: Stage, state_dir: Path) -> dict:
+    """Steps, wall seconds and the analytic forward GFLOPs per training image of a finished training."""
+    from omegaconf import OmegaConf
+
+    from sgexp.flops import gflops_per_pass
+    from sgexp.lit.module import FlowMatchingModule
+
+    ckpt = Path(stage.output) / "checkpoints" / "last.ckpt"
+    config = FlowMatchingModule.load_from_checkpoint(ckpt, map_location="cpu").config
+    run_cfg = OmegaConf.load(Path(stage.output) / "config.yaml")
+    sparsity = [r.sparsity for r in config.routes] if config.routes else 0.0
+    seconds = json.loads(marker(state_dir, stage.name).read_text())["seconds"]
+    return {
+        "model": stage.info["model"],
+        "steps": stage.info["steps"],
+        "seconds": seconds,
+        "seconds_per_step": seconds / stage.info["steps"],
+        "train_gflops_per_image": gflops_per_pass(config, sparsity),  # forward pass at γ_train
+        "routes": [f"{r.start}:{r.end}@{r.sparsity:g}" for r in config.routes],
+        "depth": config.depth,
+        "width": config.hidden_size,
+        "tokens": config.num_tokens,
+        "model_name": run_cfg.model.name,
+        "batch_size": int(run_cfg.data.batch_size),
+        "resolution": config.input_size,
+    }
+
+
+def training_step(run_dir: Path) -> int | None:
+    """The step of a training's last checkpoint (written every few steps), None before the first."""
+    import torch
+
+    ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
+    if not ckpt.is_file():
+        return None
+    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", 0))
+
+
+def collect(preset: Preset, paths: Paths, stages: list[Stage]) -> dict:
+    """Every number the report uses; keys are missing where their stage has not finished."""
+    state = paths.work / "stages"
+    done = {s.name: s for s in stages if is_done(state, s.name)}
+    out: dict[str, Any] = {"preset": preset.to_dict(), "pending": [s.name for s in stages if s.name not in done]}
+    out["seconds"] = {n: json.loads(marker(state, n).read_text())["seconds"] for n in done}
+    out["commands"] = {s.name: s.shell(fresh=True) for s in stages}
+    out["progress"] = {
+        f"train_{m}": training_step(paths.run_dir(m)) for m in MODELS if f"train_{m}" not in done
+    }  # fmt: skip
+    out["training"] = {m: _training(done[f"train_{m}"], state) for m in MODELS if f"train_{m}" in done}
+    out["guidance"] = {}
+    for group in preset.guidance:
+        if f"guidance_{group}" in done:
+            out["guidance"].update(_rows(done[f"guidance_{group}"]))
+    out["curve"] = {m: [] for m in MODELS}
+    out["final"] = {}
+    for stage in stages:
+        if stage.name.startswith("curve_") and stage.name in done:
+            row = {**_rows(stage)["none"], "step": stage.info["step"]}
+            out["curve"][stage.info["model"]].append(row)
+            if row["step"] == preset.steps:
+                out["final"][stage.info["model"]] = row
+    out["heatmaps"] = {}
+    for stage in stages:
+        if stage.name.startswith("heatmap_") and stage.name in done:
+            out["heatmaps"][stage.info["scale"]] = list(_rows(stage).values())
+    if "sweep" in done:
+        summary = json.loads(Path(done["sweep"].output).read_text())
+        out["sweep"] = {
+            "summary": summary,
+            "pareto_png": str(Path(done["sweep"].output).parent / "pareto.png"),
+            "trials_csv": str(Path(done["sweep"].output).parent / "trials.csv"),
+        }
+    return out
