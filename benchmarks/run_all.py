@@ -1,10 +1,11 @@
-"""Run the CPU benchmark set (``make bench``): training step, sampling step, router, evaluation.
+"""Run the CPU benchmark set (``make bench``): training step, sampling step, router, evaluation, data resume.
 
 Each benchmark prints its table and writes ``<results>/<name>.json``; this entry
 point adds ``summary.json`` with the headline numbers (realised fractions of the
-analytic savings, router share, throughputs) and says whether the 90% goals hold.
+analytic savings, router share, throughputs, data-resume times) and says whether
+the 90% goals hold.
 
-    python -m benchmarks.run_all                       # ~6 min on 2 cores, 1 thread
+    python -m benchmarks.run_all                       # ~7 min on 2 cores, 1 thread
     python -m benchmarks.run_all --quick               # tiny sizes, 3 repeats: a smoke run
     python -m benchmarks.run_all --threads 0           # torch's default thread count (a quiet machine)
 """
@@ -14,12 +15,12 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import eval_throughput, router, sampling_step, timing, train_step
+from benchmarks import data_resume, eval_throughput, router, sampling_step, timing, train_step
 
 GOAL = 0.9  # routed training and SG sampling should realise >= 90% of the analytic saving
 
 
-def summarise(train: dict, sampling: dict, routing: dict, evaluation: dict | None) -> dict:
+def summarise(train: dict, sampling: dict, routing: dict, evaluation: dict | None, data: dict) -> dict:
     rows = []
     for r in train["rows"]:
         rows.append(
@@ -68,6 +69,11 @@ def summarise(train: dict, sampling: dict, routing: dict, evaluation: dict | Non
         ]
         if evaluation
         else [],
+        # seconds to the first batch after a resume: flat in the step (one window of shards read)
+        "data_resume": {
+            "seconds": {str(r["start_batch"]): r["seconds"]["median"] for r in data["rows"]},
+            "ratio_1e6_to_10": data["ratio_1e6_to_10"]["median"],
+        },
     }
 
 
@@ -91,7 +97,8 @@ def main(argv: list[str] | None = None) -> dict:
     if not args.skip_eval:
         eval_args = ["--batch", "8", "--steps", "2", "--inception-batch", "2"] if args.quick else []
         evaluation = eval_throughput.main(common + eval_args)
-    summary = summarise(train, sampling, routing, evaluation)
+    data = data_resume.main(common + (["--shards", "8", "--samples", "100"] if args.quick else []))
+    summary = summarise(train, sampling, routing, evaluation, data)
     summary["seconds"] = time.perf_counter() - start
     if args.quick:  # tiny models are overhead-bound, not compute-bound: the goal does not apply
         summary["goal_met"] = None

@@ -21,13 +21,12 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
-import torch
 from omegaconf import DictConfig, OmegaConf
 from rich.progress import Progress
 
-from sgexp import run_record, tracking
+from sgexp import run_record, runs, tracking
 from sgexp.config import register_configs
-from sgexp.eval.evaluator import load_evaluator, run_dir_of
+from sgexp.eval.evaluator import load_evaluator
 from sgexp.lit.eval_callback import make_settings
 
 log = logging.getLogger("sgexp.evaluate")
@@ -65,7 +64,7 @@ def run(cfg: DictConfig) -> dict:
     # or Inception weights file fails now, not after an hour of sampling.
     evaluator = load_evaluator(cfg, tracking_uri)
     ckpt = evaluator.checkpoint
-    run_dir = run_dir_of(ckpt)
+    run_dir = runs.run_dir_of(ckpt)
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
 
@@ -88,7 +87,7 @@ def run(cfg: DictConfig) -> dict:
 
     results = {
         "checkpoint": str(ckpt),
-        "step": int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", -1)),
+        "step": runs.checkpoint_step(ckpt),
         "dataset": evaluator.dataset,
         "metric": evaluator.metric,
         "reference_split": cfg.reference_split,

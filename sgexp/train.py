@@ -11,8 +11,10 @@
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
+import signal
 import sys
 import warnings
 from dataclasses import dataclass
@@ -25,13 +27,15 @@ import torch
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
 
-from sgexp import run_record, slurm, tracking
+from sgexp import run_record, runs, slurm, tracking
+from sgexp.checks import fail
 from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
-from sgexp.lit.callbacks import FinalCheckpoint, TrainingMonitor
+from sgexp.lit.callbacks import TrainingMonitor
+from sgexp.lit.checkpointing import AtomicCheckpointIO, FinalCheckpoint, RunConfig
 from sgexp.lit.eval_callback import GuidedSamplingEval
 from sgexp.lit.module import FlowMatchingModule
-from sgexp.lit.requeue import RequeueOnSignal
+from sgexp.lit.stop import StopOnSignal, TrainingStopped
 from sgexp.models.dit import DiTConfig
 from sgexp.models.routing import Route
 
@@ -49,31 +53,30 @@ class TrainResult:
     tracking_uri: str | None
     sample_grids: list[Path]
     evaluations: list[dict]
+    stopped_by: int | None = None  # the signal that stopped training early (its checkpoint is `checkpoint`)
 
 
 def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint to resume from).
+    """(run directory, checkpoint file named by ``resume=`` or None).
 
-    ``resume`` may name a checkpoint or a run directory; a resumed run keeps
-    writing into its own run directory, so it finds its checkpoints and its
-    MLflow run again. New runs get ``paths.run_dir`` if given, else
-    ``<runs_dir>/<experiment>/<timestamp>``; inside a SLURM job that was not submitted by sgexp
-    (which fixes ``paths.run_dir`` at submission), ``<runs_dir>/<experiment>/slurm-<job id>``:
-    every rank and every requeue of the job must agree on it, which a timestamp would not.
+    ``resume`` may name a checkpoint or a run directory; a resumed run keeps writing into its own run
+    directory, so it finds its checkpoints and its MLflow run again. Otherwise the run directory is
+    ``paths.run_dir`` if given, else ``<runs_dir>/<experiment>/<timestamp>``; inside a SLURM job that was
+    not submitted by sgexp (which fixes ``paths.run_dir`` at submission), ``<runs_dir>/<experiment>/
+    slurm-<job id>``: every rank and every requeue of the job must agree on it, which a timestamp would
+    not. Where in the run directory training continues is ``continue_from``'s business.
     """
     ckpt = None
     if cfg.resume:
         target = Path(cfg.resume).expanduser().resolve()
         if target.is_dir():
-            ckpt = target / "checkpoints" / "last.ckpt"
             run_dir = target
+        elif target.is_file():
+            ckpt, run_dir = target, runs.run_dir_of(target)
         else:
-            ckpt = target
-            run_dir = target.parent.parent if target.parent.name == "checkpoints" else target.parent
-        if not ckpt.is_file():
-            raise ValueError(f"resume={cfg.resume!r} is invalid: no checkpoint at {ckpt}")
+            raise fail("resume", cfg.resume, "no such checkpoint file or run directory")
         if cfg.paths.run_dir and Path(cfg.paths.run_dir).resolve() != run_dir:
-            raise ValueError(f"paths.run_dir={cfg.paths.run_dir!r} is invalid: resume uses the run directory {run_dir}")
+            raise fail("paths.run_dir", cfg.paths.run_dir, f"resume uses the run directory {run_dir}")
     elif cfg.paths.run_dir:
         run_dir = Path(cfg.paths.run_dir).resolve()
     elif slurm.inside_job():
@@ -83,15 +86,6 @@ def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
     else:
         run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / datetime.now().strftime("%Y%m%d-%H%M%S")
     return run_dir, ckpt
-
-
-def requeue_checkpoint(run_dir: Path) -> str | None:
-    """``"hpc"`` when this is a requeued SLURM job: Lightning saved ``hpc_ckpt_<n>.ckpt`` in the run
-    directory on SIGUSR1 and resumes from the newest one. It wins over ``resume=``, which names the
-    checkpoint the first submission started from."""
-    if SLURMEnvironment.detect() and any(run_dir.glob("hpc_ckpt_*.ckpt")):
-        return "hpc"
-    return None
 
 
 def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
@@ -168,10 +162,12 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
     progress = t.progress == "rich"
     if progress:
         callbacks = [*callbacks, L.pytorch.callbacks.RichProgressBar(refresh_rate=5)]
-    plugins = []
-    if SLURMEnvironment.detect():  # requeue on SIGUSR1 in step on all ranks (sgexp.lit.requeue), not Lightning's way
+    in_slurm = SLURMEnvironment.detect()
+    # Stop on a signal before anything else of the step runs (evaluation, periodic checkpoints): sgexp.lit.stop.
+    callbacks = [StopOnSignal(run_dir, slurm=in_slurm), *callbacks]
+    plugins = [AtomicCheckpointIO()]
+    if in_slurm:  # sgexp requeues on SIGUSR1 in step on all ranks (sgexp.lit.stop), not Lightning's way
         plugins.append(SLURMEnvironment(auto_requeue=False))
-        callbacks = [*callbacks, RequeueOnSignal(run_dir)]
     return L.Trainer(
         default_root_dir=str(run_dir),
         accelerator=t.accelerator,
@@ -197,12 +193,37 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
     )
 
 
+def checkpoint_callbacks(c: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
+    """step-<N>.ckpt kept every ``every_n_steps``; last.ckpt every ``last_every_n_steps`` and at the end."""
+    return [
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=c.every_n_steps,
+            save_top_k=-1,
+            save_last=False,
+        ),
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="last",
+            every_n_train_steps=c.last_every_n_steps,
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        FinalCheckpoint(ckpt_dir),
+    ]
+
+
 def run(cfg: DictConfig) -> TrainResult:
-    """Train as ``cfg`` says; returns where everything went."""
+    """Train as ``cfg`` says; returns where everything went.
+
+    Global rank zero holds the run directory's lock (``sgexp.runs.RunLock``) from before it looks for a
+    checkpoint until training has ended, so a second training on the same directory fails at once.
+    """
     root = Path(cfg.paths.root).resolve()
     cfg.paths.root = str(root)
-    run_dir, resume_ckpt = resolve_paths(cfg)
-    ckpt_dir = run_dir / "checkpoints"
+    run_dir, named_ckpt = resolve_paths(cfg)
 
     # Cheap checks first: a bad tracking URI or dataset fails before any training.
     tracking_uri = None
@@ -222,8 +243,20 @@ def run(cfg: DictConfig) -> TrainResult:
         seed=cfg.seed,
         max_steps=cfg.trainer.max_steps,
     )
-    L.seed_everything(cfg.seed, workers=True)
     network = model_config(cfg, datamodule.meta)
+    config = OmegaConf.to_container(cfg, resolve=True)
+    lock = runs.RunLock(run_dir) if runs.launched_as_rank_zero() else contextlib.nullcontext()
+    with lock:
+        if isinstance(lock, runs.RunLock):
+            for path in runs.remove_partial_saves(run_dir):
+                log.warning("removed %s, left by a checkpoint save that was killed", path)
+        start = runs.continue_from(run_dir, named_ckpt, cfg.resume, config, network)
+        return _train(cfg, run_dir, start, datamodule, network, config, tracking_uri)
+
+
+def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> TrainResult:
+    root, data_dir, ckpt_dir = Path(cfg.paths.root), Path(cfg.data.root) / cfg.data.name, run_dir / "checkpoints"
+    L.seed_everything(cfg.seed, workers=True)
     o = cfg.optim
     module = FlowMatchingModule(
         network.to_dict(),
@@ -241,41 +274,22 @@ def run(cfg: DictConfig) -> TrainResult:
     )
 
     run_dir.mkdir(parents=True, exist_ok=True)
-    OmegaConf.save(cfg, run_dir / "config.yaml", resolve=True)
     logger = None
     if cfg.logger.enabled:
         run_name = cfg.logger.run_name or f"{cfg.experiment}/{run_dir.name}"
         logger = tracking.make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name)
         run_record.log_run_context(
-            logger,
-            logger.run_id,
-            config=OmegaConf.to_container(cfg, resolve=True),
-            meta=datamodule.meta,
-            checkpoint_dir=ckpt_dir,
-            root=root,
+            logger, logger.run_id, config=config, meta=datamodule.meta, checkpoint_dir=ckpt_dir, root=root
         )
 
     c = cfg.callbacks
     guided_eval = build_guided_eval(c.guided_eval, run_dir, data_dir)
-    checkpoints = [
-        L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step-{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=c.checkpoint.every_n_steps,
-            save_top_k=-1,
-            save_last=False,
-        ),
-        L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="last",
-            every_n_train_steps=c.checkpoint.last_every_n_steps,
-            save_top_k=1,
-            enable_version_counter=False,
-        ),
-        FinalCheckpoint(ckpt_dir),
+    callbacks = [
+        RunConfig(config, run_dir),
+        *checkpoint_callbacks(c.checkpoint, ckpt_dir),
+        TrainingMonitor(c.monitor_every_n_steps),
+        guided_eval,
     ]
-    callbacks = [*checkpoints, TrainingMonitor(c.monitor_every_n_steps), guided_eval]
     trainer = build_trainer(cfg, run_dir, logger, callbacks)
     if cfg.data.global_batch_size:  # the recipe's batch on any number of devices
         total, world = cfg.data.global_batch_size, trainer.world_size
@@ -285,23 +299,35 @@ def run(cfg: DictConfig) -> TrainResult:
     log.info(
         "cluster environment: %s, world size %d, global rank %d", environment, trainer.world_size, trainer.global_rank
     )
+    restarts = os.environ.get("SLURM_RESTART_COUNT")
     if logger is not None and trainer.is_global_zero:
-        for key, value in (("cluster_environment", environment), ("world_size", trainer.world_size)):
+        tags = {"cluster_environment": environment, "world_size": trainer.world_size}
+        if restarts is not None:
+            tags["slurm_restart_count"] = restarts
+        for key, value in tags.items():
             logger.experiment.set_tag(logger.run_id, f"sgexp.{key}", str(value))
-    ckpt_path = requeue_checkpoint(run_dir) or (str(resume_ckpt) if resume_ckpt else None)
-    log.info("run directory: %s%s", run_dir, f" (resuming from {ckpt_path})" if ckpt_path else "")
-    trainer.fit(module, datamodule=datamodule, ckpt_path=ckpt_path)
+    resuming = f" (resuming from {start.path.name}, step {start.global_step})" if start else ""
+    log.info("run directory: %s%s", run_dir, resuming)
+    stopped = None
+    try:
+        trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start else None)
+    except TrainingStopped as stop:
+        stopped = stop
+        log.warning("%s", stop)
+        if logger is not None and trainer.is_global_zero:  # Lightning marked it FAILED; it was stopped
+            logger.experiment.set_terminated(logger.run_id, "KILLED")
 
     result = TrainResult(
         run_dir=run_dir,
-        checkpoint=ckpt_dir / "last.ckpt",
+        checkpoint=stopped.checkpoint if stopped else ckpt_dir / "last.ckpt",
         global_step=trainer.global_step,
         mlflow_run_id=logger.run_id if logger is not None else None,
         tracking_uri=tracking_uri,
         sample_grids=list(guided_eval.grids),
         evaluations=list(guided_eval.rows),
+        stopped_by=stopped.signum if stopped else None,
     )
-    if trainer.is_global_zero:
+    if trainer.is_global_zero and not stopped:
         _print_summary(result)
     return result
 
@@ -369,6 +395,8 @@ def main() -> None:
     warnings.filterwarnings("ignore", message=".*srun.*")  # on SLURM login nodes Lightning warns about srun
     # The EMA copy is in eval mode on purpose (no label dropout, dense by default).
     warnings.filterwarnings("ignore", message=r".*module\(s\) in eval mode at the start of training.*")
+    # Resuming into the run directory is the point (sgexp.runs), not something to warn about.
+    warnings.filterwarnings("ignore", message=r"Checkpoint directory .* exists and is not empty")
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
     def _main(cfg: DictConfig) -> None:
@@ -382,11 +410,13 @@ def main() -> None:
             print(f"  follow: tail -f {run_dir / 'slurm' / (job_id + '.out')}    queue: squeue -j {job_id}")
             return
         try:
-            run(cfg)
+            result = run(cfg)
         finally:
             # An explicit teardown: gloo processes that exit with the group alive abort now and then.
             if torch.distributed.is_available() and torch.distributed.is_initialized():
                 torch.distributed.destroy_process_group()
+        if result.stopped_by in (signal.SIGINT, signal.SIGTERM):  # stopped early: say so to the shell
+            sys.exit(128 + result.stopped_by)
 
     _main()
 

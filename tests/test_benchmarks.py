@@ -86,3 +86,17 @@ def test_train_and_sampling_benchmarks_smoke(tmp_path):
     assert train["rows"][0]["flops_ratio_analytic"] < 1
     sampling = json.loads((tmp_path / "sampling_step.json").read_text())
     assert {r["rule"] for r in sampling["rows"]} == {"none", "cfg", "sg", "sg_unshared", "cfg_sg"}
+
+
+def test_data_resume_benchmark_smoke(tmp_path):
+    """Resume at batch 10, 10^4 and 10^6 on a tiny shard set: every case reads one window, not the skipped steps."""
+    args = ("--shards", "8", "--samples", "30", "--batch", "4", "--shuffle-shards", "2", "--repeats", "1")
+    proc = _run("benchmarks.data_resume", *args, "--warmup", "0", tmp_path=tmp_path)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "data_resume.json").read_text())
+    assert [r["start_batch"] for r in data["rows"]] == [10, 10**4, 10**6]
+    assert data["dataset"]["samples"] == 240 and data["rows"][-1]["epoch"] == 10**6 * 4 // 240  # a later epoch
+    window = 2 * data["dataset"]["shard_bytes"]
+    for row in data["rows"]:
+        assert row["bytes_read"] is None or row["bytes_read"] < window + 2**20  # one window (+ slack)
+    assert data["ratio_1e6_to_10"]["median"] > 0

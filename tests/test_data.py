@@ -7,11 +7,13 @@ Everything runs on real shards written into tmp dirs: scikit-learn's 8x8 digits
 from __future__ import annotations
 
 import collections
+import json
 import os
 import shutil
 import subprocess
 import sys
 import tarfile
+from itertools import islice
 from pathlib import Path
 
 import lightning as L
@@ -36,6 +38,7 @@ from sgexp.data import (
     read_split,
     stratified_split,
 )
+from sgexp.data import stream as train_stream
 from sgexp.data.shards import shard_urls, split_pipeline
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -234,10 +237,20 @@ def test_datamodule_bad_arguments(digits):
         ({"batch_size": 0}, "batch_size=0"),
         ({"num_workers": -1}, "num_workers=-1"),
         ({"max_steps": 0}, "max_steps=0"),
+        ({"shuffle_shards": 0}, "shuffle_shards=0"),
     ]:
         with pytest.raises(ValueError, match=match):
             ShardDataModule(str(digits), **{"batch_size": 4, **kwargs})
     assert ShardDataModule(str(digits), batch_size=4, max_steps=-1).max_steps is None  # Lightning's "no limit"
+
+
+def test_dataset_without_shard_counts_says_prepare_again(digits, tmp_path):
+    out = shutil.copytree(digits, tmp_path / "digits")
+    meta = read_meta(out)
+    del meta["shard_samples"]  # what an older prepare wrote
+    (out / "meta.json").write_text(json.dumps(meta))
+    with pytest.raises(ValueError, match=r"no sample count for train-000000\.tar.*--force"):
+        ShardDataModule(str(out), batch_size=4)
 
 
 # ----------------------------------------------------------------------------- reading
@@ -279,6 +292,46 @@ def test_train_resume_equals_tail_of_fresh_stream(digits, start):
     assert len(full) == 9
     dm.set_start_batch(start)
     assert same_batches(collect(dm.train_dataloader()), full[start:])
+
+
+def test_epochs_cover_every_shard_and_windows_are_found_from_counts(digits):
+    meta = read_meta(digits)
+    counts = train_stream.shard_counts(shard_urls(digits, meta, "train"), meta)
+    per_epoch = sum(counts)
+    first_epoch = list(islice(train_stream.windows_from(0, counts, 3, "0/0/0"), 3))  # 8 shards: 3 + 3 + 2
+    assert sorted(s for w in first_epoch for s in w.shards) == list(range(8))
+    assert [w.start for w in first_epoch] == [0, first_epoch[0].size, first_epoch[0].size + first_epoch[1].size]
+    for slot in (0, 500, 7 * per_epoch + 123, 10**9):
+        window = next(train_stream.windows_from(slot, counts, 3, "0/0/0"))
+        assert window.start <= slot < window.start + window.size and window.epoch == slot // per_epoch
+    # every epoch has an order of its own
+    assert first_epoch[0].shards != next(train_stream.windows_from(per_epoch, counts, 3, "0/0/0")).shards
+
+
+def test_resume_far_ahead_reads_one_window_and_equals_the_fresh_stream(digits, monkeypatch):
+    """Resuming costs one window of shards whatever the step, and lands on the fresh stream's batches."""
+    meta = read_meta(digits)
+    urls = shard_urls(digits, meta, "train")
+
+    def stream(start, total):
+        return TrainStream(
+            urls, meta, 16, BadSamples(), seed=5, start_batch=start, total_batches=total, shuffle_shards=2, hflip=True
+        )
+
+    start = 300  # 4,800 samples: the third epoch of 1,617
+    fresh = collect(stream(0, start + 3))
+    opened, read_shard = [], train_stream.read_shard
+
+    def counting(url, *args):
+        opened.append(url)
+        return read_shard(url, *args)
+
+    monkeypatch.setattr(train_stream, "read_shard", counting)
+    assert same_batches(collect(stream(start, start + 3)), fresh[start:])
+    assert 1 <= len(opened) <= 2  # shuffle_shards
+    opened.clear()
+    next(iter(stream(10**6, None)))
+    assert 1 <= len(opened) <= 2
 
 
 def test_train_stream_seeded(digits):

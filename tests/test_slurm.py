@@ -4,6 +4,7 @@
    world size 2; the job ends with a checkpoint and an MLflow run.
 2. SIGUSR1 to a running job: it checkpoints, is requeued, resumes in the same run directory and ends at the
    same global step, in the same MLflow run, with the same weights as the uninterrupted job of test 1.
+   The same for a plain ``scontrol requeue`` without a signal first.
 3. ``sgexp.sweep --slurm-array 2 --wait``: two array jobs share one Optuna journal and log to a real
    ``mlflow server``; every trial is run exactly once.
 
@@ -156,6 +157,34 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted):
     assert len(client.search_runs([experiment.experiment_id])) == 1  # one run across the requeue
     history = [m.step for m in client.get_metric_history(run_id, "train/images_per_s")]
     assert min(history) < interrupted_at < max(history) <= STEPS
+
+
+def test_plain_scontrol_requeue_resumes_from_the_newest_checkpoint(cluster, uninterrupted):
+    """``scontrol requeue JOBID`` with no signal first (an admin, a failed node): SLURM ends the job (SIGTERM
+    to the tasks), the tasks save ``last.ckpt`` at the next step and exit, the job runs again and continues
+    from the newest checkpoint; it ends bit-identical to the uninterrupted job, in one MLflow run."""
+    tmp, shards = cluster
+    job_id, run_dir = train_on_slurm(tmp / "c", shards)
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not re.search(rf"step (\d+)/{STEPS}", job_log(run_dir, job_id)):  # training has started
+        assert time.monotonic() < deadline, job_log(run_dir, job_id)[-4000:]
+        time.sleep(0.2)
+    run_id = (run_dir / "mlflow_run_id").read_text().strip()
+    subprocess.run(["scontrol", "requeue", job_id], check=True)
+    text = wait_done(job_id, run_dir)
+
+    assert "restart 1" in text and not list(run_dir.glob("hpc_ckpt_*.ckpt")), text[-4000:]
+    resumed = re.search(r"resuming from (\S+), step (\d+)", text)
+    assert resumed and 0 < int(resumed.group(2)) < STEPS, text[-4000:]  # not a restart at step 0
+    step, state = weights(run_dir / "checkpoints" / "last.ckpt")
+    ref_step, ref_state = weights(uninterrupted[1] / "checkpoints" / "last.ckpt")
+    assert step == ref_step == STEPS
+    assert all(torch.equal(state[k], ref_state[k]) for k in ref_state), "the requeued run diverged"
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp / 'c' / 'mlflow.db'}")
+    assert client.get_run(run_id).info.status == "FINISHED"
+    assert client.get_run(run_id).data.tags["sgexp.slurm_restart_count"] == "1"
+    [experiment] = [e for e in client.search_experiments() if e.name == "sgexp"]
+    assert len(client.search_runs([experiment.experiment_id])) == 1
 
 
 def test_sweep_workers_as_a_job_array(cluster, uninterrupted):

@@ -23,7 +23,7 @@ _LAZY = {
     "prepare_latents": "sgexp.data.latents",
     "BadSamples": "sgexp.data.shards",
     "ShardError": "sgexp.data.shards",
-    "TrainStream": "sgexp.data.shards",
+    "TrainStream": "sgexp.data.stream",
     "eval_dataset": "sgexp.data.shards",
     "read_meta": "sgexp.data.shards",
     "read_split": "sgexp.data.shards",

@@ -10,7 +10,8 @@ from torch.utils.data import DataLoader
 
 from sgexp.checks import check_positive_int, fail
 from sgexp.data.latent_format import check_hflip, is_latent
-from sgexp.data.shards import BadSamples, TrainStream, eval_dataset, read_meta, shard_urls
+from sgexp.data.shards import BadSamples, eval_dataset, read_meta, shard_urls
+from sgexp.data.stream import SHUFFLE_SHARDS, TrainStream, shard_counts
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -20,13 +21,18 @@ class ShardDataModule(L.LightningDataModule):
     a sample is: for a latent dataset (``"format": "latent"``) a batch holds scaled VAE
     latents instead, a fresh posterior sample ``scale · (mean + std·ε − shift)`` per
     training step and the posterior mean for validation; ``channels`` and ``resolution``
-    are then the latents' and ``hflip`` picks the stored latents of the mirror image. Training is an
-    endless resampled stream, or ``max_steps * accumulate_grad_batches`` batches
-    per rank when ``max_steps`` is given (None or -1: endless), and resumes
-    where the checkpoint stopped: ``train_dataloader()`` starts at batch
-    ``global_step * accumulate_grad_batches`` of the attached trainer (Lightning
-    restores the checkpoint before asking for the loader), or at ``set_start_batch(k)``.
-    Resuming needs the same seed, batch size, world size and ``num_workers``.
+    are then the latents' and ``hflip`` picks the stored latents of the mirror image.
+
+    Training is an endless stream (epochs over all train samples, in an order of its
+    own per rank and worker), or ``max_steps * accumulate_grad_batches`` batches per
+    rank when ``max_steps`` is given (None or -1: endless), and resumes where the
+    checkpoint stopped: ``train_dataloader()`` starts at batch ``global_step *
+    accumulate_grad_batches`` of the attached trainer (Lightning restores the
+    checkpoint before asking for the loader), or at ``set_start_batch(k)``. Resuming
+    needs the same seed, batch size, world size, ``num_workers`` and ``shuffle_shards``,
+    and reads at most ``shuffle_shards`` shards before its first batch, whatever the
+    step (``stream.TrainStream``). Samples are shuffled ``shuffle_shards`` shards at
+    a time, so each loader worker holds that many shards' raw bytes.
 
     Bad samples and truncated shards are skipped, counted (``bad_samples``) and
     logged; with ``strict=True`` they raise ``ShardError`` naming the shard.
@@ -41,7 +47,7 @@ class ShardDataModule(L.LightningDataModule):
         hflip: bool = False,
         strict: bool = False,
         seed: int = 0,
-        shuffle_buffer: int = 1000,
+        shuffle_shards: int = SHUFFLE_SHARDS,
         max_steps: int | None = None,
     ):
         super().__init__()
@@ -50,8 +56,12 @@ class ShardDataModule(L.LightningDataModule):
             raise fail("num_workers", num_workers, "must be an integer >= 0 (0 loads in the main process)")
         if val_batch_size is not None:
             check_positive_int("val_batch_size", val_batch_size)
-        if isinstance(shuffle_buffer, bool) or not isinstance(shuffle_buffer, int) or shuffle_buffer < 0:
-            raise fail("shuffle_buffer", shuffle_buffer, "must be an integer >= 0 (samples held for shuffling)")
+        if isinstance(shuffle_shards, bool) or not isinstance(shuffle_shards, int) or shuffle_shards < 1:
+            raise fail(
+                "shuffle_shards",
+                shuffle_shards,
+                "must be an integer >= 1 (train shards shuffled together; each loader worker holds their bytes)",
+            )
         if max_steps == -1:  # Lightning's spelling of "no limit"
             max_steps = None
         if max_steps is not None:
@@ -60,6 +70,7 @@ class ShardDataModule(L.LightningDataModule):
             raise fail("seed", seed, "must be an integer")
         self.root = Path(root)
         self.meta = read_meta(self.root)
+        shard_counts(shard_urls(self.root, self.meta, "train"), self.meta, str(self.root))  # fail now, not at fit
         check_hflip(self.meta, hflip, str(self.root))
         self.latent: bool = is_latent(self.meta)
         self.num_classes: int = self.meta["num_classes"]
@@ -69,7 +80,7 @@ class ShardDataModule(L.LightningDataModule):
         self._val_batch_size = val_batch_size
         self.val_batch_size = val_batch_size or batch_size
         self.hflip, self.strict, self.seed = hflip, strict, seed
-        self.shuffle_buffer, self.max_steps = shuffle_buffer, max_steps
+        self.shuffle_shards, self.max_steps = shuffle_shards, max_steps
         self._start_batch: int | None = None
         # one counter per split, shared with the loader workers; survives loader rebuilds
         self._bad = {"train": BadSamples(strict), "val": BadSamples(strict)}
@@ -146,7 +157,7 @@ class ShardDataModule(L.LightningDataModule):
             rank=rank,
             start_batch=self.start_batch,
             total_batches=None if self.max_steps is None else self.max_steps * accumulate,
-            shuffle_buffer=self.shuffle_buffer,
+            shuffle_shards=self.shuffle_shards,
             hflip=self.hflip,
         )
         return self._loader(dataset)

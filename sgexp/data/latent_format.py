@@ -14,14 +14,13 @@ scale and shift (``latent``), and the image dataset it came from (``images``);
 model built from meta.json is built for latents without knowing it.
 
 Readers turn a sample into ``scale · (mean + std·ε − shift)`` for training, with
-ε drawn from a per-sample seed taken in stream order (so a resumed stream draws the
-same ε), and into ``scale · (mean − shift)`` for validation.
+ε drawn from the seed the training stream gives each slot (``stream.Window.plan``:
+a resumed stream draws the same ε), and into ``scale · (mean − shift)`` for validation.
 """
 
 from __future__ import annotations
 
 import io
-import random
 from collections.abc import Iterable, Iterator
 from pathlib import Path
 
@@ -82,12 +81,6 @@ def decode_array(data: bytes) -> np.ndarray:
 
 
 # ----------------------------------------------------------------------------- reader stages
-
-
-def with_noise_seeds(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
-    """A seed for ε per sample, drawn in stream order (before any skip), like the flip bits."""
-    for sample in samples:
-        yield {**sample, "noise_seed": rng.getrandbits(63)}
 
 
 def decode_latents(batches: Iterable[list[dict]], meta: dict, bad, patience: int = 100) -> Iterator[tuple]:

@@ -1,18 +1,10 @@
-"""Reading shards: a resumable training stream, a single-pass split reader, bad-sample accounting.
+"""Reading shards: pipeline stages, a single-pass split reader, bad-sample accounting.
 
-Training stream (per rank r, DataLoader worker role w of W):
+The training stream (``stream.TrainStream``) reads shards with the stages here:
 
-    shards drawn with replacement from RNG(seed, r, w)  ->  tar samples  ->  field check
-      ->  shuffle buffer RNG(seed, r, w)  ->  flip bit RNG(seed, r, w)  [-> ε seed RNG(seed, r, w)]
-      ->  batches of raw bytes  ->  skip the batches already trained on
-      ->  PNG decode  ->  (images in [-1, 1], labels)
-          or latent decode  ->  (scale · (mean + std·ε − shift), labels)    (``latent_format``)
-
-Global batch j of a rank comes from role j % W (PyTorch hands out worker batches
-round-robin), so the stream is a pure function of (seed, rank, W, batch size)
-and a resumed run at batch k yields exactly batches k, k+1, ... of a fresh run.
-Everything random happens before the skip, and decoding after it, so resuming
-costs reading tar bytes, not decoding images.
+    tar samples (``_tar_samples``: open, expand, group by key, completeness check)
+      ->  field check (``_check``)  ->  PNG decode (``_decoded``) or latent decode (``latent_format``)
+      ->  model inputs (``_for_model`` / ``latent_format.latents_for_model``)
 
 Evaluation reads each split once, in shard order, shards split over ranks then
 workers, so no sample is read twice.
@@ -24,7 +16,6 @@ import io
 import json
 import logging
 import multiprocessing
-import random
 import re
 from collections.abc import Iterable, Iterator
 from functools import partial
@@ -157,47 +148,28 @@ def _tar_samples(meta: dict, bad: BadSamples) -> list:
     ]
 
 
-def _resampled_shards(urls: list[str], rng: random.Random, progress: dict, patience: int) -> Iterator[dict]:
-    """Shards drawn with replacement, endlessly, until ``patience`` draws in a row add no sample.
+def _check(sample: dict, meta: dict, bad: BadSamples) -> dict | None:
+    """The sample with the format's fields (PNG, or latent mean and std) and a valid label, else None.
 
-    ``progress["samples"]`` is advanced by ``_checked`` downstream; without the
-    guard, a dataset whose shards are all unreadable would spin forever in silence.
+    Cheap (no decoding), so it runs before any batch is skipped.
     """
-    seen, idle = -1, 0
-    while True:
-        idle = 0 if progress["samples"] != seen else idle + 1
-        seen = progress["samples"]
-        if idle > patience:
-            raise ShardError(
-                f"no readable sample in the last {patience} shards drawn from {len(urls)} shards"
-                f" ({Path(urls[0]).parent}): the shards are damaged, rerun prepare with --force"
-            )
-        yield {"url": rng.choice(urls)}
+    url, key = sample.get("__url__", "<unknown shard>"), sample.get("__key__")
+    try:
+        label = int(sample["cls"])
+        if not 0 <= label < meta["num_classes"]:
+            raise ValueError(f"label {label} outside [0, {meta['num_classes']})")
+        fields = {name: sample[name] for name in latent_format.sample_fields(meta)}
+    except (KeyError, ValueError) as exn:
+        bad.report(url, f"sample {key}: missing or invalid field ({type(exn).__name__}: {exn})")
+        return None
+    return {"key": key, "url": url, "fields": fields, "label": label, "flip": False}
 
 
-def _checked(samples: Iterable[dict], meta: dict, bad: BadSamples, progress: dict | None = None) -> Iterator[dict]:
-    """Keep samples with the format's fields (PNG, or latent mean and std) and a valid label.
-    Cheap (no decoding), so it runs before any skip."""
-    num_classes, names = meta["num_classes"], latent_format.sample_fields(meta)
+def _checked(samples: Iterable[dict], meta: dict, bad: BadSamples) -> Iterator[dict]:
+    """The samples that pass ``_check``."""
     for sample in samples:
-        url, key = sample.get("__url__", "<unknown shard>"), sample.get("__key__")
-        try:
-            label = int(sample["cls"])
-            if not 0 <= label < num_classes:
-                raise ValueError(f"label {label} outside [0, {num_classes})")
-            fields = {name: sample[name] for name in names}
-        except (KeyError, ValueError) as exn:
-            bad.report(url, f"sample {key}: missing or invalid field ({type(exn).__name__}: {exn})")
-            continue
-        if progress is not None:
-            progress["samples"] += 1
-        yield {"key": key, "url": url, "fields": fields, "label": label, "flip": False}
-
-
-def _with_flips(samples: Iterable[dict], rng: random.Random) -> Iterator[dict]:
-    """A flip bit per sample drawn in stream order, so a resumed stream flips the same images."""
-    for sample in samples:
-        yield {**sample, "flip": rng.random() < 0.5}
+        if (checked := _check(sample, meta, bad)) is not None:
+            yield checked
 
 
 def _decoded(
@@ -259,66 +231,7 @@ def split_by_rank(src: Iterable, rank: int, world_size: int) -> Iterator:
     return islice(src, rank, None, world_size)
 
 
-def batches_before(position: int, role: int, workers: int) -> int:
-    """How many of the global batches 0..position-1 come from worker role ``role``."""
-    return max(0, (position - role + workers - 1) // workers)
-
-
-# ----------------------------------------------------------------------------- datasets
-
-
-class TrainStream(torch.utils.data.IterableDataset):
-    """Endless (or ``total_batches`` long) deterministic training batches of one rank.
-
-    ``start_batch`` resumes: the stream then begins at global batch ``start_batch``
-    and is identical to the tail of a stream started at 0 with the same seed,
-    rank, batch size and number of workers.
-    """
-
-    def __init__(
-        self,
-        urls: list[str],
-        meta: dict,
-        batch_size: int,
-        bad: BadSamples,
-        seed: int = 0,
-        rank: int = 0,
-        start_batch: int = 0,
-        total_batches: int | None = None,
-        shuffle_buffer: int = 1000,
-        hflip: bool = False,
-    ):
-        super().__init__()
-        self.urls, self.meta, self.batch_size, self.bad = urls, meta, batch_size, bad
-        self.seed, self.rank, self.start_batch, self.total_batches = seed, rank, start_batch, total_batches
-        self.shuffle_buffer, self.hflip = shuffle_buffer, hflip
-
-    def __iter__(self) -> Iterator[tuple[torch.Tensor, torch.Tensor]]:
-        info = torch.utils.data.get_worker_info()
-        worker, workers = (info.id, info.num_workers) if info is not None else (0, 1)
-        # DataLoader worker 0 hands out the first batch, which after a resume is
-        # global batch start_batch: worker i therefore plays role (i + start_batch) % W.
-        role = (worker + self.start_batch) % workers
-        stream = f"{self.seed}/{self.rank}/{role}"
-        skip = batches_before(self.start_batch, role, workers)
-        stop = None if self.total_batches is None else batches_before(self.total_batches, role, workers)
-        progress = {"samples": 0}
-        shards = partial(_resampled_shards, self.urls, random.Random(f"shards/{stream}"), progress, 20 * len(self.urls))
-        latent = latent_format.is_latent(self.meta)
-        pipeline = wds.DataPipeline(
-            shards,
-            _tar_samples(self.meta, self.bad),
-            partial(_checked, meta=self.meta, bad=self.bad, progress=progress),
-            wds.shuffle(self.shuffle_buffer, seed=f"shuffle/{stream}"),
-            partial(_with_flips, rng=random.Random(f"flips/{stream}")) if self.hflip else None,
-            # a fresh posterior sample per step, reproducible after a resume
-            partial(latent_format.with_noise_seeds, rng=random.Random(f"noise/{stream}")) if latent else None,
-            wds.batched(self.batch_size, collation_fn=None),
-            wds.slice(skip, stop),  # batches already trained on are dropped before decoding
-            _decode_stage(self.meta, self.bad),
-            _model_stage(self.meta),
-        )
-        return iter(pipeline)
+# ----------------------------------------------------------------------------- evaluation
 
 
 def split_pipeline(

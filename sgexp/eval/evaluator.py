@@ -15,18 +15,20 @@ from typing import Any
 import torch
 from omegaconf import DictConfig
 
+from sgexp import runs
 from sgexp.checks import fail
 from sgexp.eval.sampling import save_grid, score_setting
 from sgexp.lit.module import FlowMatchingModule
 
 
 def find_checkpoint(spec: str, runs_dir: Path, tracking_uri: str | None) -> Path:
-    """A .ckpt path, a run directory, ``latest`` (newest run under ``runs_dir``), or an MLflow run id."""
+    """A .ckpt path, a run directory (its newest checkpoint, ``sgexp.runs``), ``latest`` (newest run
+    under ``runs_dir``), or an MLflow run id. The file is checked to be a usable training checkpoint."""
     path = Path(spec).expanduser()
     if path.is_file():
-        return path.resolve()
-    if path.is_dir() and (path / "checkpoints" / "last.ckpt").is_file():
-        return (path / "checkpoints" / "last.ckpt").resolve()
+        return _usable(path.resolve(), spec)
+    if path.is_dir() and (newest := runs.newest_checkpoint(path)) is not None:
+        return newest.path.resolve()
     if spec == "latest":
         found = sorted(runs_dir.glob("*/*/checkpoints/last.ckpt"), key=lambda p: p.stat().st_mtime)
         if not found:
@@ -34,22 +36,27 @@ def find_checkpoint(spec: str, runs_dir: Path, tracking_uri: str | None) -> Path
                 f"checkpoint='latest' is invalid: no run with checkpoints/last.ckpt under {runs_dir}"
                 " (run `make train` first, or pass checkpoint=PATH)"
             )
-        return found[-1]
+        return _usable(found[-1], spec)
     if tracking_uri and len(spec) == 32 and all(ch in "0123456789abcdef" for ch in spec):
         from mlflow.tracking import MlflowClient
 
         tags = MlflowClient(tracking_uri).get_run(spec).data.tags
         ckpt = Path(tags.get("sgexp.checkpoint_dir", "")) / "last.ckpt"
         if ckpt.is_file():
-            return ckpt
+            return _usable(ckpt, spec)
     raise FileNotFoundError(
-        f"checkpoint={spec!r} is invalid: not a checkpoint file, a run directory with checkpoints/last.ckpt, "
+        f"checkpoint={spec!r} is invalid: not a checkpoint file, a run directory with checkpoints, "
         "'latest', or an MLflow run id whose checkpoints are on this machine"
     )
 
 
-def run_dir_of(ckpt: Path) -> Path:
-    return ckpt.parent.parent if ckpt.parent.name == "checkpoints" else ckpt.parent
+def _usable(ckpt: Path, spec: str) -> Path:
+    try:
+        runs.open_checkpoint(ckpt)
+    except runs.CheckpointError as err:
+        others = runs.describe_checkpoints(runs.run_dir_of(ckpt))
+        raise ValueError(f"checkpoint={spec!r} is invalid: {err}. Checkpoints of that run: {others}") from None
+    return ckpt
 
 
 def load_ema(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, FlowMatchingModule]:

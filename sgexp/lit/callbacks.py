@@ -1,13 +1,13 @@
-"""Training callbacks: throughput and routing savings, a final checkpoint.
+"""Training callbacks: throughput and routing savings.
 
-The guided-sampling evaluation callback lives in ``sgexp.lit.eval_callback``.
+The guided-sampling evaluation lives in ``sgexp.lit.eval_callback``, checkpoint writing in
+``sgexp.lit.checkpointing``, stopping on signals in ``sgexp.lit.stop``.
 """
 
 from __future__ import annotations
 
 import logging
 import time
-from pathlib import Path
 
 import lightning as L
 
@@ -69,13 +69,3 @@ class TrainingMonitor(L.Callback):
             loss = outputs["loss"].item() if isinstance(outputs, dict) and "loss" in outputs else float("nan")
             log.info("step %d/%d: loss %.4f, %.0f images/s", step, trainer.max_steps, loss, images_per_s)
         self._t0, self._images = time.perf_counter(), 0
-
-
-class FinalCheckpoint(L.Callback):
-    """Write ``last.ckpt`` when training ends, whatever step it ends at (max_steps or max_time)."""
-
-    def __init__(self, dirpath: str | Path):
-        self.path = Path(dirpath) / "last.ckpt"
-
-    def on_train_end(self, trainer, pl_module) -> None:
-        trainer.save_checkpoint(self.path)
