@@ -39,6 +39,7 @@ class DataConfig:
     num_workers: int = 1
     hflip: bool = False
     strict: bool = False  # fail on a corrupted shard instead of skipping bad samples
+    shuffle_shards: int = 4  # shards shuffled together (one window held per loader worker); part of the stream
     prepare: bool = True  # prepare embedded datasets (mnist5k, digits) when missing
 
 

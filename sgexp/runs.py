@@ -295,7 +295,17 @@ class RunLock:
 # --------------------------------------------------------------------------- same run?
 
 
-IDENTITY = ("model", "routing", "data.name", "seed")  # what a checkpoint's weights and data stream depend on
+IDENTITY = ("model", "routing", "data.name", "seed")  # what a checkpoint's weights depend on
+# what the exact data stream depends on: a change is allowed on resume, with a warning
+STREAM = (
+    "data.batch_size",
+    "data.global_batch_size",
+    "data.num_workers",
+    "data.shuffle_shards",
+    "trainer.devices",
+    "trainer.num_nodes",
+    "trainer.accumulate_grad_batches",
+)
 
 
 def _get(config: dict, dotted: str) -> Any:
@@ -365,6 +375,9 @@ def checkpoint_differences(path: Path, config: dict, network: DiTConfig) -> list
     state = open_checkpoint(path)
     stored = state.get(CONFIG_KEY)
     if stored is not None:
+        changed = config_differences(stored, config, STREAM)
+        if changed:
+            log.warning("resuming with another data stream than %s's run (%s)", path.name, "; ".join(changed))
         return config_differences(stored, config)
     # written before checkpoints carried their config: compare the networks
     held = DiTConfig.from_dict(dict(state["hyper_parameters"]["model"])).to_dict()

@@ -240,6 +240,7 @@ def run(cfg: DictConfig) -> TrainResult:
         val_batch_size=cfg.data.val_batch_size,
         hflip=cfg.data.hflip,
         strict=cfg.data.strict,
+        shuffle_shards=cfg.data.shuffle_shards,
         seed=cfg.seed,
         max_steps=cfg.trainer.max_steps,
     )

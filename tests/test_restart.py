@@ -105,10 +105,8 @@ STEPS = 60  # long enough that a signal sent after the first progress line lands
 
 def base(tmp: Path, shards: Path, *extra: str) -> list[str]:
     """The digits run of conftest, 60 steps, validation and kept checkpoints every 30."""
-    return digits_run(
-        tmp, shards, f"trainer.max_steps={STEPS}", "trainer.val_every_n_steps=30",
-        "callbacks.checkpoint.every_n_steps=30", "callbacks.monitor_every_n_steps=5", *extra,
-    )  # fmt: skip
+    every = ("trainer.val_every_n_steps=30", "callbacks.checkpoint.every_n_steps=30")
+    return digits_run(tmp, shards, f"trainer.max_steps={STEPS}", *every, "callbacks.monitor_every_n_steps=5", *extra)
 
 
 @pytest.fixture(scope="module")
@@ -123,8 +121,9 @@ def test_rerunning_the_same_command_continues_from_the_newest_checkpoint(tmp_pat
     command = base(tmp_path, shards, f"paths.run_dir={tmp_path / 'run'}")
     first = run(compose_train([*command, "trainer.max_steps=20"]))
     assert first.global_step == 20
-    for var, value in {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0",
-                       "SLURM_LOCALID": "0", "SLURM_NODEID": "0", "SLURM_NODELIST": "localhost"}.items():  # fmt: skip
+    slurm_job = {"SLURM_JOB_ID": "4242", "SLURM_NTASKS": "1", "SLURM_JOB_NAME": "train", "SLURM_PROCID": "0"}
+    slurm_job.update(SLURM_LOCALID="0", SLURM_NODEID="0", SLURM_NODELIST="localhost")
+    for var, value in slurm_job.items():
         monkeypatch.setenv(var, value)  # a requeued job without an hpc checkpoint
     second = run(compose_train([*command, "trainer.max_steps=45"]))
     assert second.global_step == 45
