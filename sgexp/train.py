@@ -33,7 +33,7 @@ from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.lit.callbacks import TrainingMonitor
 from sgexp.lit.checkpointing import AtomicCheckpointIO, FinalCheckpoint, RunConfig
-from sgexp.lit.eval_callback import GuidedSamplingEval
+from sgexp.lit.eval_callback import build_guided_eval, ensure_classifier
 from sgexp.lit.module import FlowMatchingModule
 from sgexp.lit.stop import StopOnSignal, TrainingStopped
 from sgexp.models.dit import DiTConfig
@@ -101,56 +101,6 @@ def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
         train_sparsity=cfg.routing.sparsity,
         class_dropout_prob=cfg.model.class_dropout_prob,
         mlp_ratio=cfg.model.mlp_ratio,
-    )
-
-
-def ensure_classifier(g: DictConfig, data_dir: Path) -> None:
-    """Train the dataset's classifier (domain FID) if the evaluation asks for it and it is missing."""
-    if g.train_classifier and g.extractor in ("auto", "classifier") and not (data_dir / "classifier.pt").is_file():
-        from sgexp.eval.classifier import train_classifier
-
-        log.info("training the %s classifier for domain FID (once, cached with the dataset)", data_dir.name)
-        train_classifier(data_dir)
-
-
-def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSamplingEval:
-    """The evaluation callback, with its feature extractor and reference statistics ready
-    (computed now, not after hours of training). ``extractor=auto`` uses the dataset's own
-    classifier when it has been trained, and otherwise produces grids and timings only."""
-    from sgexp.eval import build_extractor, reference_stats
-
-    ensure_classifier(g, data_dir)
-    name = g.extractor
-    if name == "auto":
-        name = "classifier" if (data_dir / "classifier.pt").is_file() else "none"
-        if name == "none":
-            log.info(
-                "no classifier for %s (python -m sgexp.eval train-classifier %s): grids only", data_dir, data_dir.name
-            )
-    extractor = reference = None
-    if name != "none":
-        extractor = build_extractor(name, data_dir)
-        if g.reference_batch:  # an ADM reference npz instead of the dataset's own statistics
-            from sgexp.eval.reference_batch import load_reference_batch
-
-            reference = load_reference_batch(g.reference_batch, extractor)
-        else:
-            reference = reference_stats(extractor, data_dir, g.reference_split)
-    from sgexp.data import read_meta
-    from sgexp.vae import vae_for_dataset
-
-    return GuidedSamplingEval(
-        run_dir / "samples",
-        OmegaConf.to_container(g.settings, resolve=True),
-        extractor=extractor,
-        reference=reference,
-        num_samples=g.num_samples,
-        batch_size=g.batch_size,
-        num_steps=g.num_steps,
-        seed=g.seed,
-        grid_size=g.grid_size,
-        every_n_steps=g.every_n_steps,
-        decode=vae_for_dataset(read_meta(data_dir), g.vae),  # None unless the dataset holds latents
     )
 
 
@@ -317,6 +267,10 @@ def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> Tr
         log.warning("%s", stop)
         if logger is not None and trainer.is_global_zero:  # Lightning marked it FAILED; it was stopped
             logger.experiment.set_terminated(logger.run_id, "KILLED")
+    finally:
+        for callback in trainer.callbacks:
+            if isinstance(callback, StopOnSignal):
+                callback.restore()
 
     result = TrainResult(
         run_dir=run_dir,

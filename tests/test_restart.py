@@ -248,3 +248,35 @@ def test_ctrl_c_and_sigterm_save_at_the_next_step_and_the_same_command_continues
 
 def _read(tmp_path: Path) -> str:
     return "".join(p.read_text() for p in sorted(tmp_path.glob("train-*.log")))
+
+
+def test_a_failed_requeue_keeps_its_checkpoint_says_so_and_trains_on(tmp_path, shards, straight):
+    """SIGUSR1 inside a SLURM job whose ``scontrol requeue`` cannot run: the hpc checkpoint stays, the log
+    says what failed, training goes on to the end unchanged."""
+    run_dir = tmp_path / "run"
+    env = {**os.environ, "PATH": str(Path(sys.executable).parent)}  # no scontrol on this PATH
+    env.update(SLURM_JOB_ID="4243", SLURM_NTASKS="1", SLURM_JOB_NAME="train", SLURM_PROCID="0", SLURM_LOCALID="0")
+    env.update(SLURM_NODEID="0", SLURM_NODELIST="localhost")
+    log = open(tmp_path / "train-usr1.log", "w")
+    overrides = base(tmp_path, shards, f"paths.run_dir={run_dir}")
+    process = subprocess.Popen(
+        [sys.executable, "-m", "sgexp.train", *overrides], cwd=ROOT, stdout=log, stderr=subprocess.STDOUT, env=env
+    )
+    _wait_for(lambda: re.search(rf"step \d+/{STEPS}", _read(tmp_path)), "training", process)
+    process.send_signal(signal.SIGUSR1)
+    assert process.wait(timeout=300) == 0
+    text = _read(tmp_path)
+    assert "scontrol requeue 4243 failed" in text and "hpc_ckpt_1.ckpt is kept" in text, text[-3000:]
+    assert 0 < runs.checkpoint_step(run_dir / "hpc_ckpt_1.ckpt") < STEPS
+    _same_weights(run_dir / "checkpoints" / "last.ckpt", straight.checkpoint)
+
+
+def test_evaluate_names_an_unusable_checkpoint_file(tmp_path):
+    from sgexp.eval.evaluator import find_checkpoint
+
+    notes = tmp_path / "notes.ckpt"
+    notes.write_text("not a checkpoint\n")
+    with pytest.raises(
+        ValueError, match=r"checkpoint=.*notes.ckpt' is invalid: .*notes.ckpt: not a complete checkpoint"
+    ):
+        find_checkpoint(str(notes), tmp_path, None)

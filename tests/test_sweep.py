@@ -226,6 +226,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(trained, tmp_path, mo
         (["baselines=[{rule: sg, scale: 2, gamma_strong: '0.9', gamma_weak: '0.5'}]"], r"gamma_strong=0.9"),
         (["objectives=[fid, precision]"], r"objectives=.* is invalid"),
         (["final_samples=10", "samples_per_trial=24"], r"final_samples=10 is invalid"),
+        (["optuna.max_retries=-1"], r"optuna.max_retries=-1 is invalid: must be an integer >= 0"),
     ],
 )
 def test_invalid_study_fails_on_load(overrides, match):
@@ -323,11 +324,12 @@ def test_stale_trial_is_released_once_and_heartbeats_keep_trials_alive(tmp_path,
         assert time.time() - last_beat(b.trials[0]) < 3.0 and reap_stale(b, timeout=3.0) == []
     seen_by_a = a.trials[0]  # both workers see it RUNNING and stale...
     time.sleep(3.5)
-    assert [t.number for t in reap_stale(b, timeout=3.0)] == [0]
-    assert release(a, seen_by_a, STALE) is False  # ...but only the first FAIL counts: one retry
+    assert [(t.number, reason) for t, reason in reap_stale(b, timeout=3.0)] == [(0, STALE)]
+    assert release(a, seen_by_a, STALE, max_retries=1) is None  # ...but only the first FAIL counts: one retry
     trials = a.trials
     assert [t.state for t in trials] == [TrialState.FAIL, TrialState.WAITING]
     assert trials[0].user_attrs["fail_reason"] == STALE and trials[1].user_attrs["retry_of"] == 0
+    assert trials[1].user_attrs["retries"] == 1
     assert counts(a)["done"] == 0  # a requeued FAIL does not use the budget
     retry = a.ask()
     assert retry.number == 1 and retry.suggest_float("x", 0.0, 1.0) == trials[0].params["x"]

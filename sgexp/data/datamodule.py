@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import signal
 from pathlib import Path
 
 import lightning as L
@@ -12,6 +13,17 @@ from sgexp.checks import check_positive_int, fail
 from sgexp.data.latent_format import check_hflip, is_latent
 from sgexp.data.shards import BadSamples, eval_dataset, read_meta, shard_urls
 from sgexp.data.stream import SHUFFLE_SHARDS, TrainStream, shard_counts
+
+
+def ignore_stop_signals(worker_id: int) -> None:
+    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the training process (``sgexp.lit.stop``).
+
+    Ctrl-C reaches the whole foreground process group and SLURM signals every process of a job step: a
+    worker killed by it makes the training process raise mid-step, before it can save its checkpoint.
+    Workers still end with the loader, and with the training process (PyTorch's watchdog).
+    """
+    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+        signal.signal(signum, signal.SIG_IGN)
 
 
 class ShardDataModule(L.LightningDataModule):
@@ -143,6 +155,7 @@ class ShardDataModule(L.LightningDataModule):
             num_workers=self.num_workers,
             pin_memory=torch.cuda.is_available(),
             persistent_workers=False,
+            worker_init_fn=ignore_stop_signals,
         )
 
     def train_dataloader(self) -> DataLoader:

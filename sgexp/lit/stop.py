@@ -80,15 +80,26 @@ class StopOnSignal(L.Callback):
         self.received = 0  # PRIORITY of the strongest signal received, 0: none
         self._previous: dict[int, object] = {}
 
-    # Installed when training starts, after Lightning has installed its own handlers (which it restores).
-    def on_train_start(self, trainer, pl_module) -> None:
+    def _install(self) -> None:
         for signum in self.signals:
-            self._previous[signum] = signal.signal(signum, self._on_signal)
+            previous = signal.signal(signum, self._on_signal)
+            self._previous.setdefault(signum, previous)
 
-    def teardown(self, trainer, pl_module, stage: str) -> None:
+    def setup(self, trainer, pl_module, stage: str) -> None:
+        self._install()  # early: a SIGUSR1 while the checkpoint loads must not kill the job (its default)
+
+    def on_train_start(self, trainer, pl_module) -> None:
+        self._install()  # again: Lightning installs its SIGTERM handler after `setup` (it restores ours after)
+
+    def restore(self) -> None:
+        """Put back the handlers found at ``setup``. Also called by ``sgexp.train`` after ``fit``: on an
+        exception Lightning skips ``teardown`` and restores the handlers it found, which were ours."""
         for signum, handler in self._previous.items():
             signal.signal(signum, handler)
         self._previous.clear()
+
+    def teardown(self, trainer, pl_module, stage: str) -> None:
+        self.restore()
 
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == PRIORITY[signal.SIGINT]:
@@ -103,7 +114,8 @@ class StopOnSignal(L.Callback):
         step = trainer.global_step
         requeue = signum == signal.SIGUSR1
         path = next_hpc_checkpoint(self.run_dir) if requeue else self.run_dir / "checkpoints" / "last.ckpt"
-        log.info("%s: saving %s at step %d", signal.Signals(signum).name, path, step)
+        if trainer.is_global_zero:
+            log.info("%s: saving %s at step %d", signal.Signals(signum).name, path, step)
         trainer.save_checkpoint(path)  # every rank calls it; rank zero writes
         if requeue:
             requeued = trainer.strategy.broadcast(requeue_job() if trainer.is_global_zero else False, src=0)

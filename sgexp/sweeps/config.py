@@ -69,9 +69,10 @@ class FamilySpaceConfig:
 @dataclass
 class OptunaConfig:
     sampler: str = "tpe"  # tpe | gp | nsga2
-    seed: int = 0  # worker k uses seed + k, so parallel workers do not propose the same points
+    seed: int = 0  # each process seeds its sampler with a hash of this and its identity (space.process_seed)
     n_startup_trials: int = 10  # random trials before the model-based sampler takes over (tpe, gp)
     population_size: int = 20  # nsga2
+    max_retries: int = 1  # times a trial whose worker died is run again before it is a counted FAIL
 
 
 @dataclass
@@ -234,6 +235,9 @@ def validate_study(cfg: DictConfig) -> None:
         raise fail("final_samples", cfg.final_samples, f"must be 0 (no re-evaluation) or > {cfg.samples_per_trial}")
     if cfg.final_samples < 0 or cfg.grid_size < 0 or cfg.optuna.n_startup_trials < 0:
         raise fail("final_samples/grid_size/n_startup_trials", "negative", "must be >= 0")
+    retries = cfg.optuna.max_retries
+    if isinstance(retries, bool) or not isinstance(retries, int) or retries < 0:
+        raise fail("optuna.max_retries", retries, "must be an integer >= 0 (runs of a trial after its worker died)")
     if not 0 < cfg.heartbeat.interval <= cfg.heartbeat.timeout / 2:
         raise fail("heartbeat.interval", cfg.heartbeat.interval, "must be in (0, heartbeat.timeout / 2]")
     baselines = {f"baselines[{i}]": b for i, b in enumerate(OmegaConf.to_container(cfg.baselines))}

@@ -17,9 +17,7 @@ Each loads the model, extractor and reference statistics once (``sgexp.sweeps.re
 ask -> score -> tell until the budget is met. ``study.ask`` pops an enqueued trial for exactly one worker,
 so none is evaluated twice.
 
-Optuna refuses attributes on finished trials, so the re-evaluation results live in the study attribute
-``final/<trial number>``; ``final_view`` returns an in-memory copy of the study whose trials carry them
-as ``fid_final``, ``precision_final``, ... (the trial record of ``sgexp.sweeps.report``).
+The Pareto set's re-scoring and its in-memory view: ``sgexp.sweeps.fidelity``.
 
 MLflow: one parent run per study (its id in the study attribute ``mlflow_parent_run_id``, shared by all
 workers and resumes) and one nested child run per trial. The default sqlite store takes a few local
@@ -28,9 +26,11 @@ writers; clusters with many workers should use an MLflow server (``--tracking-ur
 
 from __future__ import annotations
 
+import json
 import logging
 import math
 import os
+import signal
 import socket
 import threading
 import time
@@ -46,11 +46,12 @@ from sgexp import tracking
 from sgexp.checks import fail
 from sgexp.eval.evaluator import Evaluator, load_evaluator
 from sgexp.sweeps.config import check_resume
+from sgexp.sweeps.fidelity import METRICS, final_view, reevaluate_pareto
 from sgexp.sweeps.resources import Tracker
-from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting
+from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting, process_seed
 from sgexp.sweeps.storage import (
     INTERRUPTED,
-    STALE,
+    RETRIES,
     Heartbeat,
     counts,
     default_storage,
@@ -61,7 +62,6 @@ from sgexp.sweeps.storage import (
 
 log = logging.getLogger("sgexp.sweeps.driver")
 
-METRICS = ("fid", "precision", "recall", "class_accuracy")
 RECORDED = (*METRICS, "gflops_per_sample", "relative_to_cfg", "seconds_per_sample", "num_samples")
 
 
@@ -81,17 +81,20 @@ class Worker:
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # "worker" attr
 
     def loop(self, on_trial=None) -> int:
-        """ask -> score -> tell until ``n_trials`` trials are finished; returns how many this worker ran."""
+        """ask -> score -> tell until ``n_trials`` trials are finished; returns how many this worker ran.
+
+        Retries of trials whose worker died run even past the budget (they replace a lost trial), and a
+        worker leaves only when no trial is running, so the last stale one is reaped and retried too."""
         cfg, ran = self.cfg, 0
         while True:
-            for t in reap_stale(self.study, cfg.heartbeat.timeout):
+            for t, reason in reap_stale(self.study, cfg.heartbeat.timeout, cfg.optuna.max_retries):
                 if self.tracker is not None:
-                    self.tracker.end_child(t.user_attrs.get("mlflow_run_id"), "FAILED", STALE)
+                    self.tracker.end_child(t.user_attrs.get("mlflow_run_id"), "FAILED", reason)
             n = counts(self.study)
-            if n["done"] >= cfg.n_trials:
+            if n["done"] >= cfg.n_trials and not n["retries_waiting"] and not n["running"]:
                 return ran
-            if n["done"] + n["running"] >= cfg.n_trials:  # others are finishing the budget (or died)
-                time.sleep(cfg.heartbeat.interval)
+            if n["done"] + n["running"] >= cfg.n_trials and not n["retries_waiting"]:
+                time.sleep(cfg.heartbeat.interval)  # others are finishing (or died: reaped above, then retried)
                 continue
             self.run_trial(self.study.ask())
             ran += 1
@@ -132,11 +135,15 @@ class Worker:
         family = enqueued.get("family", family)
         setting = normalise_setting(enqueued.get("setting", setting))
         attrs = {"family": family, "baseline": bool(enqueued.get("baseline", False)), "setting": setting}
-        attrs.update(describe(setting), worker=self.name, seed=cfg.seed)
+        retries = int(enqueued.get(RETRIES, 0))
+        attrs.update(describe(setting), worker=self.name, seed=cfg.seed, retries=retries)
+        attrs["sampler_seed"] = getattr(self.study.sampler, "seed", None)  # this process's, see space.process_seed
         for key, value in attrs.items():
             trial.set_user_attr(key, value)
         if self.tracker is not None:
-            trial.set_user_attr("mlflow_run_id", self.tracker.start_child(trial.number, family, setting))
+            run_id = self.tracker.start_child(trial.number, family, setting, {"sgexp.retries": retries})
+            trial.set_user_attr("mlflow_run_id", run_id)
+        _test_kill_hook(setting)
         grid = self.out_dir / "trials" / f"trial-{trial.number:04d}.png" if cfg.grid_size else None
         row = self.evaluator.score(
             f"trial-{trial.number}", setting, cfg.samples_per_trial, cfg.seed, grid, cfg.grid_size
@@ -156,44 +163,12 @@ class Worker:
         return [float(row[o]) for o in cfg.objectives]
 
 
-# --------------------------------------------------------------------------- fidelity
-
-
-def reevaluate_pareto(
-    study: optuna.Study, cfg: DictConfig, evaluator: Evaluator, tracker: Tracker | None = None
-) -> list[int]:
-    """Score every Pareto trial without a final result on ``final_samples`` samples; returns their numbers."""
-    from sgexp.sweeps.report import pareto_trials
-
-    if not cfg.final_samples:
-        return []
-    done = []
-    for trial in pareto_trials(study):
-        if f"final/{trial.number}" in study.user_attrs:
-            continue
-        setting = trial.user_attrs["setting"]
-        row = evaluator.score(f"trial-{trial.number}-final", setting, cfg.final_samples, cfg.seed, None, 0)
-        final = {f"{k}_final": float(row[k]) for k in METRICS if k in row}
-        final["num_samples_final"] = int(row["num_samples"])
-        study.set_user_attr(f"final/{trial.number}", final)
-        if tracker is not None:
-            tracker.log_metrics(trial.user_attrs.get("mlflow_run_id"), final)
-        log.info("trial %d re-evaluated on %d samples: FID %.2f", trial.number, cfg.final_samples, row["fid"])
-        done.append(trial.number)
-    return done
-
-
-def final_view(study: optuna.Study) -> optuna.Study:
-    """An in-memory copy of ``study`` whose trials carry their ``*_final`` attributes (same numbers)."""
-    view = optuna.create_study(directions=study.directions, study_name=study.study_name)
-    finals = {k: v for k, v in study.user_attrs.items() if k.startswith("final/")}
-    for key, value in study.user_attrs.items():
-        if not key.startswith("final/"):
-            view.set_user_attr(key, value)
-    for trial in study.get_trials(deepcopy=True):
-        trial.user_attrs = {**trial.user_attrs, **finals.get(f"final/{trial.number}", {})}
-        view.add_trial(trial)
-    return view
+def _test_kill_hook(setting: dict) -> None:
+    """Test only (``tests/test_sweep_restart.py``): with ``SGEXP_TEST_KILL_SETTING`` set to a JSON mapping,
+    a worker meeting a setting that contains it SIGKILLs itself, as the OOM killer would. Unset: nothing."""
+    wanted = os.environ.get("SGEXP_TEST_KILL_SETTING")
+    if wanted and all(setting.get(k) == v for k, v in json.loads(wanted).items()):
+        os.kill(os.getpid(), signal.SIGKILL)
 
 
 # --------------------------------------------------------------------------- a study, start to end
@@ -225,7 +200,8 @@ def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | N
     evaluator = load_evaluator(cfg, tracking_uri)
     space = SearchSpace(cfg)
     study = optuna.create_study(
-        storage=storage, study_name=cfg.name, directions=["minimize", "minimize"], sampler=make_sampler(cfg),
+        storage=storage, study_name=cfg.name, directions=["minimize", "minimize"],
+        sampler=make_sampler(cfg, process_seed(cfg.optuna.seed)),
         load_if_exists=True,
     )  # fmt: skip
     check_resume(study, cfg, evaluator.checkpoint)
@@ -331,7 +307,11 @@ def work(cfg: DictConfig, storage_url: str, tracking_uri: str | None, k: int) ->
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     evaluator = load_evaluator(cfg, tracking_uri)
-    study = optuna.load_study(study_name=cfg.name, storage=open_storage(storage_url), sampler=make_sampler(cfg, k))
+    study = optuna.load_study(
+        study_name=cfg.name,
+        storage=open_storage(storage_url),
+        sampler=make_sampler(cfg, process_seed(cfg.optuna.seed, k)),
+    )
     parent_run = study.user_attrs.get("mlflow_parent_run_id")
     tracker = Tracker(tracking_uri, parent_run, cfg.name) if tracking_uri and parent_run else None
     out_dir = Path(cfg.paths.runs_dir) / "sweeps" / cfg.name

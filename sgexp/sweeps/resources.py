@@ -57,12 +57,14 @@ class Tracker:
         run_record.log_run_context(client, run_id, config=config, root=Path(cfg.paths.root))
         return tracker
 
-    def start_child(self, number: int, family: str, setting: dict) -> str | None:
-        """A child run for trial ``number`` with the setting as params; None if MLflow refused."""
+    def start_child(self, number: int, family: str, setting: dict, extra_tags: dict | None = None) -> str | None:
+        """A child run for trial ``number`` with the setting as params (``extra_tags``: e.g. the retry count);
+        None if MLflow refused."""
         try:
             tags = {
                 "mlflow.parentRunId": self.parent, "sgexp.kind": "sweep-trial", "sgexp.study": self.study_name,
                 "sgexp.trial": str(number), "sgexp.family": str(family),
+                **{k: str(v) for k, v in (extra_tags or {}).items()},
             }  # fmt: skip
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{self.study_name}/trial-{number:04d}", tags=tags

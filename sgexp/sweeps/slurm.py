@@ -64,7 +64,8 @@ def submit_array(
 
 
 def run_worker(study: str, overrides: list[str], storage_url: str, tracking_uri: str | None) -> int:
-    """Body of one array task: index ``SLURM_ARRAY_TASK_ID`` seeds its sampler, its CPUs set torch's threads."""
+    """Body of one array task: ``SLURM_ARRAY_TASK_ID`` joins its sampler seed (``space.process_seed``), its CPUs
+    set torch's threads."""
     import torch
 
     from sgexp.sweeps.config import load_study

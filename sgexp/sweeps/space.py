@@ -12,13 +12,22 @@ its coordinates and informs the sampler like any trial. Baselines outside it (an
 without parameters; ``InSpaceSampler`` hides such trials from the sampler, because samplers built on the
 intersection search space (GP, multivariate TPE, NSGA-II) would otherwise see an empty intersection and
 fall back to random sampling.
+
+Sampler seeds: every process that asks (the driver with one worker, each ``--workers`` process, another
+shell running the same command, a SLURM array task) seeds its sampler with ``process_seed``, a hash of
+the study's ``optuna.seed`` and the process's identity, so concurrent commands on one study never propose
+the same points; the seed is recorded in each trial's ``sampler_seed`` attribute.
 """
 
 from __future__ import annotations
 
 import copy
+import hashlib
 import logging
 import math
+import os
+import socket
+import time
 import warnings
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
@@ -186,8 +195,8 @@ class InSpaceSampler(BaseSampler):
     of ``optuna.Study`` (``trials``, ``get_trials``, ``best_trials``) goes through it, as do the samplers.
     """
 
-    def __init__(self, inner: BaseSampler):
-        self.inner = inner
+    def __init__(self, inner: BaseSampler, seed: int | None = None):
+        self.inner, self.seed = inner, seed  # seed: recorded in each trial (``sampler_seed``)
 
     @staticmethod
     def _view(study: optuna.Study, current: FrozenTrial | None) -> optuna.Study:
@@ -220,9 +229,21 @@ class InSpaceSampler(BaseSampler):
         self.inner.reseed_rng()
 
 
-def make_sampler(cfg: DictConfig, worker: int = 0) -> BaseSampler:
-    """The study's Optuna sampler, seeded ``optuna.seed + worker`` (workers must not propose the same points)."""
-    o, seed = cfg.optuna, int(cfg.optuna.seed) + worker
+def process_seed(study_seed: int, worker: int = 0) -> int:
+    """A sampler seed for this process, derived from the study's seed and who and when this process is.
+
+    Two commands on one study (two shells, two hosts, two SLURM array tasks, two ``--workers`` processes)
+    must not share a seed: seeded samplers with the same history propose the same points (all the random
+    startup trials, for a start)."""
+    env = [os.environ.get(k, "") for k in ("SLURM_ARRAY_JOB_ID", "SLURM_ARRAY_TASK_ID", "SLURM_JOB_ID")]
+    identity = (int(study_seed), socket.gethostname(), os.getpid(), *env, worker, time.time_ns())
+    return int.from_bytes(hashlib.sha256(repr(identity).encode()).digest()[:4], "big")
+
+
+def make_sampler(cfg: DictConfig, seed: int | None = None) -> BaseSampler:
+    """The study's Optuna sampler seeded with ``seed`` (default ``optuna.seed``; workers pass ``process_seed``)."""
+    o = cfg.optuna
+    seed = int(o.seed) if seed is None else int(seed)
     multi = len(cfg.family) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
@@ -234,4 +255,4 @@ def make_sampler(cfg: DictConfig, worker: int = 0) -> BaseSampler:
             inner = optuna.samplers.TPESampler(
                 seed=seed, n_startup_trials=o.n_startup_trials, multivariate=True, group=multi, constant_liar=True
             )
-    return InSpaceSampler(inner)
+    return InSpaceSampler(inner, seed)

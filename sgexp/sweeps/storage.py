@@ -2,16 +2,25 @@
 
 Storage: an Optuna ``JournalStorage`` on a file (``runs/optuna/<study>.log`` by default; the O_EXCL
 ``JournalFileOpenLock`` works on NFS v3+, no server) or any RDB URL (``sqlite:///...``, ``postgresql://...``).
+A journal line cut by a killed writer is moved into ``<journal>.corrupt`` under the journal's lock, when
+the storage is opened and before every append; an unreadable line in the middle is an error naming the
+file and the line (``sgexp.sweeps.journal``).
 
 Heartbeat: JournalStorage has no Optuna heartbeat, so (for every storage alike) a daemon thread per running
 trial writes ``time.time()`` to the trial's user attribute ``heartbeat`` every ``heartbeat.interval``
 seconds. Before asking, a worker fails every RUNNING trial silent for ``heartbeat.timeout`` seconds
-("worker died (stale heartbeat)", attribute ``requeued``) and enqueues its parameters again. Only the
-worker whose FAIL is recorded first enqueues (the storage refuses to finish a trial twice), so a dead trial
-is retried exactly once. Worker clocks must agree to well within the timeout (NTP).
+("worker died (stale heartbeat)", attribute ``requeued``) and enqueues its parameters again with
+``retry_of`` (the dead trial's number) and ``retries`` (how many times the chain has been retried). Only
+the worker whose FAIL is recorded first enqueues (the storage refuses to finish a trial twice), so a dead
+trial is retried once per death. A trial that has already been retried ``optuna.max_retries`` times is not
+retried again when its worker dies: it is a counted FAIL ("worker died (stale heartbeat) N times;
+max_retries=M"), so a setting that kills its worker (out of memory) cannot kill every worker in turn. A
+trial handed back by a stopped worker (Ctrl-C) is enqueued again without using a retry. Worker clocks must
+agree to well within the timeout (NTP).
 
 Budget: COMPLETE and FAIL trials count toward ``n_trials`` (requeued FAILs do not: they run again), and so
-do RUNNING ones, so K workers overshoot by at most K-1.
+do RUNNING ones, so K workers overshoot by at most K-1. A waiting retry runs even when the budget is met
+meanwhile (it replaces a lost trial), and workers leave only when no trial is running.
 """
 
 from __future__ import annotations
@@ -29,6 +38,7 @@ from optuna.storages import BaseStorage
 from optuna.trial import FrozenTrial, TrialState
 
 from sgexp.checks import fail
+from sgexp.sweeps.journal import RepairingLock, check_journal
 
 log = logging.getLogger("sgexp.sweeps.storage")
 
@@ -36,6 +46,7 @@ HEARTBEAT = "heartbeat"
 STALE = "worker died (stale heartbeat)"
 INTERRUPTED = "interrupted (the worker was stopped)"
 REQUEUE_ATTRS = ("family", "baseline", "setting", "in_space")
+RETRIES = "retries"  # user attr: how many times this trial's chain was retried after its worker died
 
 
 # --------------------------------------------------------------------------- storage
@@ -59,9 +70,10 @@ def open_storage(url: str) -> BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise PermissionError(f"{path} is not writable")
-        from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
+        from optuna.storages.journal import JournalFileBackend
 
-        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=JournalFileOpenLock(str(path))))
+        check_journal(path)
+        return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=RepairingLock(str(path))))
     except OSError as err:
         raise fail("storage", url, f"cannot open the journal file ({type(err).__name__}: {err})") from None
 
@@ -102,29 +114,49 @@ def last_beat(trial: FrozenTrial) -> float:
     return max(float(trial.user_attrs.get(HEARTBEAT, 0.0)), started)
 
 
-def release(study: optuna.Study, trial: FrozenTrial, reason: str) -> bool:
-    """Fail a RUNNING trial and enqueue its parameters again; False if it was already finished.
+def dead_worker_reason(trial: FrozenTrial, max_retries: int) -> str | None:
+    """Why a trial whose worker died is not retried again (it used its retries); None if it may be."""
+    retries = int(trial.user_attrs.get(RETRIES, 0))
+    if retries < max_retries:
+        return None
+    return f"{STALE} {retries + 1} times; max_retries={max_retries}"
 
-    The FAIL is the claim: the storage refuses to finish a trial twice, so of several workers releasing
-    the same trial only one enqueues it.
+
+def release(study: optuna.Study, trial: FrozenTrial, reason: str, max_retries: int | None = None) -> str | None:
+    """Fail a RUNNING trial and, unless it used its retries, enqueue its parameters again.
+
+    ``max_retries`` None: the trial was handed back (Ctrl-C), not lost; it is enqueued again without using
+    a retry. Otherwise its worker died: the retry gets ``retries`` + 1, and a trial already retried
+    ``max_retries`` times becomes a counted FAIL instead. Returns the recorded ``fail_reason``, or None if
+    the trial was already finished. The FAIL is the claim: the storage refuses to finish a trial twice, so
+    of several workers releasing the same trial only one enqueues it.
     """
+    final = None if max_retries is None else dead_worker_reason(trial, max_retries)
+    retries = int(trial.user_attrs.get(RETRIES, 0))
     try:
-        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", reason)
-        study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
+        study._storage.set_trial_user_attr(trial._trial_id, "fail_reason", final or reason)
+        study._storage.set_trial_user_attr(trial._trial_id, RETRIES, retries)
+        if final is None:
+            study._storage.set_trial_user_attr(trial._trial_id, "requeued", True)
         study.tell(trial.number, state=TrialState.FAIL)
     except (UpdateFinishedTrialError, ValueError):  # ValueError: "Cannot tell a FAIL trial"
-        return False
+        return None
+    if final is not None:
+        log.error("trial %d: %s: recorded as FAIL, not retried again", trial.number, final)
+        return final
     attrs = {k: trial.user_attrs[k] for k in REQUEUE_ATTRS if k in trial.user_attrs}
-    study.enqueue_trial(dict(trial.params), user_attrs={**attrs, "retry_of": trial.number})
-    log.warning("trial %d: %s; its parameters are enqueued again", trial.number, reason)
-    return True
+    attrs.update(retry_of=trial.number, **{RETRIES: retries + (max_retries is not None)})
+    study.enqueue_trial(dict(trial.params), user_attrs=attrs)
+    log.warning("trial %d: %s; its parameters are enqueued again (retries: %d)", trial.number, reason, attrs[RETRIES])
+    return reason
 
 
-def reap_stale(study: optuna.Study, timeout: float) -> list[FrozenTrial]:
-    """Release every RUNNING trial without a heartbeat for ``timeout`` seconds; returns those released."""
+def reap_stale(study: optuna.Study, timeout: float, max_retries: int = 1) -> list[tuple[FrozenTrial, str]]:
+    """Release every RUNNING trial without a heartbeat for ``timeout`` seconds: (trial, fail_reason) of each."""
     now = time.time()
     stale = [t for t in study.get_trials(deepcopy=False, states=(TrialState.RUNNING,)) if now - last_beat(t) > timeout]
-    return [t for t in stale if release(study, t, STALE)]
+    released = [(t, release(study, t, STALE, max_retries)) for t in stale]
+    return [(t, reason) for t, reason in released if reason is not None]
 
 
 def is_counted_fail(trial: FrozenTrial) -> bool:
@@ -133,11 +165,13 @@ def is_counted_fail(trial: FrozenTrial) -> bool:
 
 
 def counts(study: optuna.Study) -> dict[str, int]:
-    """``done`` (COMPLETE + FAIL, requeued FAILs excluded: they run again), ``running``, ``waiting``."""
+    """``done`` (COMPLETE + FAIL, requeued FAILs excluded: they run again), ``running``, ``waiting`` (of which
+    ``retries_waiting`` are retries), ``complete``."""
     trials = study.get_trials(deepcopy=False)
     return {
         "done": sum(t.state == TrialState.COMPLETE or is_counted_fail(t) for t in trials),
         "running": sum(t.state == TrialState.RUNNING for t in trials),
         "waiting": sum(t.state == TrialState.WAITING for t in trials),
+        "retries_waiting": sum(t.state == TrialState.WAITING and "retry_of" in t.user_attrs for t in trials),
         "complete": sum(t.state == TrialState.COMPLETE for t in trials),
     }
