@@ -97,7 +97,7 @@ class GuidanceSetting:
     fields before any sampling, naming the bad key or value.
     """
 
-    rule: str = "none"  # none | cfg | sg | cfg_sg | ag | ag_sg
+    rule: str = "none"  # none | cfg | icg | sg | cfg_sg | ag | ag_sg (sgexp.diffusion.guidance.RULES)
     scale: float = 1.0
     gamma_strong: str = "0"  # a number or "cosine:START:END"
     gamma_weak: str = "0"
@@ -173,7 +173,9 @@ class LauncherConfig:
 class TrainConfig:
     experiment: str = "mnist_tread"
     seed: int = 0
-    resume: str | None = None  # a checkpoint or a run directory (uses its checkpoints/last.ckpt)
+    resume: str | None = None  # continue a run: its directory or a checkpoint in it (sgexp.runs)
+    init_from: str | None = None  # start a new run from another checkpoint's weights (fine-tuning)
+    init_from_weights: str = "ema"  # ema | model: which weights of init_from
     model: ModelConfig = field(default_factory=ModelConfig)
     routing: RoutingConfig = field(default_factory=RoutingConfig)
     data: DataConfig = field(default_factory=DataConfig)

@@ -32,7 +32,13 @@ from sgexp.checks import fail
 from sgexp.config import register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.lit.callbacks import TrainingMonitor
-from sgexp.lit.checkpointing import AtomicCheckpointIO, FinalCheckpoint, RunConfig
+from sgexp.lit.checkpointing import (
+    AtomicCheckpointIO,
+    FinalCheckpoint,
+    RunConfig,
+    finetune_network,
+    load_initial_weights,
+)
 from sgexp.lit.eval_callback import build_guided_eval, ensure_classifier
 from sgexp.lit.module import FlowMatchingModule
 from sgexp.lit.stop import StopOnSignal, TrainingStopped
@@ -173,6 +179,14 @@ def run(cfg: DictConfig) -> TrainResult:
     """
     root = Path(cfg.paths.root).resolve()
     cfg.paths.root = str(root)
+    if cfg.init_from and cfg.resume:
+        raise fail("init_from", cfg.init_from, "starts a new run; resume= continues one: give one of them")
+    if cfg.init_from:  # a checkpoint file, or a run directory: its newest checkpoint
+        source = Path(cfg.init_from).expanduser().resolve()
+        newest = runs.newest_checkpoint(source) if source.is_dir() else None
+        if not source.is_file() and newest is None:
+            raise fail("init_from", cfg.init_from, "no checkpoint file, nor a run directory with a checkpoint")
+        cfg.init_from = str(newest.path if newest else source)
     run_dir, named_ckpt = resolve_paths(cfg)
 
     # Cheap checks first: a bad tracking URI or dataset fails before any training.
@@ -195,6 +209,8 @@ def run(cfg: DictConfig) -> TrainResult:
         max_steps=cfg.trainer.max_steps,
     )
     network = model_config(cfg, datamodule.meta)
+    if cfg.init_from:
+        network = finetune_network(network, cfg.init_from)
     config = OmegaConf.to_container(cfg, resolve=True)
     lock = runs.RunLock(run_dir) if runs.launched_as_rank_zero() else contextlib.nullcontext()
     with lock:
@@ -224,11 +240,16 @@ def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> Tr
         dataset=cfg.data.name,
     )
 
+    tags = {}
+    if cfg.init_from and start is None:  # a fine-tuning run's first start; later starts resume it
+        load_initial_weights(module, cfg.init_from, cfg.init_from_weights)
+        tags = {"sgexp.init_from": cfg.init_from, "sgexp.init_from_weights": cfg.init_from_weights}
+
     run_dir.mkdir(parents=True, exist_ok=True)
     logger = None
     if cfg.logger.enabled:
         run_name = cfg.logger.run_name or f"{cfg.experiment}/{run_dir.name}"
-        logger = tracking.make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name)
+        logger = tracking.make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name, tags=tags)
         run_record.log_run_context(
             logger, logger.run_id, config=config, meta=datamodule.meta, checkpoint_dir=ckpt_dir, root=root
         )
@@ -264,7 +285,8 @@ def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> Tr
         trainer.fit(module, datamodule=datamodule, ckpt_path=str(start.path) if start else None)
     except TrainingStopped as stop:
         stopped = stop
-        log.warning("%s", stop)
+        if trainer.is_global_zero:
+            log.warning("%s", stop)
         if logger is not None and trainer.is_global_zero:  # Lightning marked it FAILED; it was stopped
             logger.experiment.set_terminated(logger.run_id, "KILLED")
     finally:

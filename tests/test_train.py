@@ -126,6 +126,13 @@ def test_experiments_compose():
     for name in ("mnist_tread", "mnist_dense", "imagenet256_sit_b2_tread", "imagenet256_sit_xl2_tread"):
         cfg = compose_train([f"experiment={name}"])
         assert cfg.experiment == name
+    finetunes = ("mnist_tread_finetune", "mnist_dense_finetune", "imagenet256_sit_xl2_tread_finetune")
+    for name in (*finetunes, "imagenet256_dense_finetune"):
+        cfg = compose_train([f"experiment={name}", "init_from=x.ckpt"])
+        assert cfg.experiment == name and cfg.init_from == "x.ckpt"
+    assert list(compose_train(["experiment=imagenet256_dense_finetune", "init_from=x"]).routing.spans) == []
+    assert compose_train(["experiment=imagenet256_dense_finetune", "init_from=x"]).optim.lr == 1e-5
+    assert not compose_train(["experiment=imagenet256_sit_xl2_tread"]).optim.ema_warmup
     xl = compose_train(["experiment=imagenet256_sit_xl2_tread"])
     assert xl.model.name == "SiT-XL/2" and list(xl.routing.spans) == ["2:24"] and xl.optim.lr == 1e-4
     assert xl.optim.ema_decay == 0.9999 and xl.trainer.precision == "bf16-mixed"

@@ -61,6 +61,12 @@ def _usable(ckpt: Path, spec: str) -> Path:
 
 def load_ema(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, FlowMatchingModule]:
     module = FlowMatchingModule.load_from_checkpoint(ckpt, map_location=device)
+    if module.config.prediction != "velocity":  # samplers and guidance rules integrate a velocity field
+        raise ValueError(
+            f"checkpoint={str(ckpt)!r} is invalid: it holds a {module.config.prediction}-prediction network "
+            "(the official DiT, a DDPM model), which sgexp's flow samplers cannot use as is: fine-tune it first "
+            "(python -m sgexp.train experiment=... init_from=THIS_CHECKPOINT), then evaluate that run"
+        )
     return module.ema.model.to(device).eval(), module
 
 

@@ -123,5 +123,17 @@ class StopOnSignal(L.Callback):
                 log.error("the job was not requeued; %s is kept: resubmit the same command to continue", path)
                 self.received = 0
                 return
-            log.info("requeued SLURM job %s: it resumes from %s", job_id(), path.name)
+            if trainer.is_global_zero:
+                log.info("requeued SLURM job %s: it resumes from %s", job_id(), path.name)
+        flush_step_metrics(trainer)
         raise TrainingStopped(signum, step, path, requeued=requeue)
+
+
+def flush_step_metrics(trainer) -> None:
+    """Send this step's logged metrics now: Lightning sends them after the batch-end hooks, which the raise
+    skips, and the metric history would miss the step the run stopped at. (Lightning has no public call.)"""
+    connector = trainer._logger_connector
+    try:
+        connector.log_metrics(connector.metrics["log"])
+    except Exception as err:  # never let bookkeeping prevent the stop
+        log.warning("could not log the metrics of the last step: %s", err)

@@ -21,11 +21,12 @@ from dataclasses import asdict, dataclass, field
 import torch
 from torch import nn
 
-from sgexp.checks import check_positive_int, check_sparsity, fail
+from sgexp.checks import check_choice, check_positive_int, check_sparsity, fail
 from sgexp.models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from sgexp.models.routing import (
     Generators,
     Route,
+    check_keep,
     check_routes,
     kept_tokens,
     resolve_sparsity,
@@ -58,6 +59,8 @@ MODEL_SIZES: dict[str, ModelSize] = {
     "XL": ModelSize(depth=28, hidden_size=1152, num_heads=16, route=(2, 24)),
 }
 PATCH_SIZES = (1, 2, 4, 8)
+POS_EMBEDS = ("sincos", "stored")
+PREDICTIONS = ("velocity", "epsilon")
 _NAME = re.compile(r"^(?:DiT|SiT)-(?P<size>[A-Za-z]+)/(?P<patch>\d+)$")
 
 
@@ -84,6 +87,12 @@ class DiTConfig:
     num_classes: int = 1000
     class_dropout_prob: float = 0.1
     routes: tuple[Route, ...] = field(default_factory=tuple)
+    # Conventions of imported networks (``sgexp.models.upstream``); the defaults are sgexp's.
+    time_scale: float = 1000.0  # the timestep embedding sees time_scale·t (DiT/SiT/TREAD: 1)
+    time_reversed: bool = False  # embed 1 − t instead of t (SiT: t = 0 is noise)
+    output_sign: int = 1  # −1 negates the output (SiT predicts x₀ − ε)
+    pos_embed: str = "sincos"  # "sincos": recomputed; "stored": a table saved with the weights
+    prediction: str = "velocity"  # "epsilon": a DDPM ε-network (DiT), t = t_ddpm/1000
 
     def __post_init__(self) -> None:
         for name in ("input_size", "in_channels", "patch_size", "hidden_size", "depth", "num_heads", "num_classes"):
@@ -99,6 +108,14 @@ class DiTConfig:
         if not 0.0 <= self.class_dropout_prob < 1.0:
             raise fail("class_dropout_prob", self.class_dropout_prob, "must be in [0, 1)")
         object.__setattr__(self, "routes", check_routes(self.routes, self.depth))
+        if isinstance(self.time_scale, bool) or not isinstance(self.time_scale, (int, float)) or self.time_scale <= 0:
+            raise fail("time_scale", self.time_scale, "must be a number > 0")
+        if not isinstance(self.time_reversed, bool):
+            raise fail("time_reversed", self.time_reversed, "must be a bool")
+        if self.output_sign not in (1, -1) or isinstance(self.output_sign, bool):
+            raise fail("output_sign", self.output_sign, "must be 1 or -1")
+        check_choice("pos_embed", self.pos_embed, POS_EMBEDS)
+        check_choice("prediction", self.prediction, PREDICTIONS)
 
     @classmethod
     def from_name(
@@ -180,7 +197,8 @@ class DiT(nn.Module):
 
     ``forward(x, t, y, sparsity=None, generator=None)`` maps a noisy input
     x (B, C, H, W), times t ∈ [0, 1] (B,) and labels y (B,) (``null_label`` for
-    the unconditional branch) to the velocity (B, C, H, W).
+    the unconditional branch) to the velocity (B, C, H, W). Official DiT/SiT/TREAD
+    weights load through ``sgexp.models.upstream`` into these conventions.
     """
 
     def __init__(self, config: DiTConfig):
@@ -188,10 +206,13 @@ class DiT(nn.Module):
         self.config = config
         D = config.hidden_size
         self.x_embedder = PatchEmbed(config.patch_size, config.in_channels, D)
-        self.t_embedder = TimestepEmbedder(D)
+        self.t_embedder = TimestepEmbedder(D, time_scale=config.time_scale)
         self.y_embedder = LabelEmbedder(config.num_classes, D, config.class_dropout_prob)
-        # Fixed, not learned: a buffer so it follows .to(device) and is saved with the weights.
-        self.register_buffer("pos_embed", sincos_2d(D, config.input_size // config.patch_size)[None], persistent=False)
+        # Fixed, not learned: a buffer so it follows .to(device). "stored" saves it with the
+        # weights (the official checkpoints' layout: columns in the first half of the channels).
+        stored = config.pos_embed == "stored"
+        table = sincos_2d(D, config.input_size // config.patch_size, column_first=stored)
+        self.register_buffer("pos_embed", table[None], persistent=stored)
         self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.in_channels)
         self.initialize_weights()
@@ -245,15 +266,18 @@ class DiT(nn.Module):
         y: torch.Tensor,
         sparsity: float | Sequence[float] | None = None,
         generator: Generators = None,
+        keep: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
         """Velocity prediction.
 
         ``sparsity``: γ for every route, or one per route; ``None`` means γ_train
         in training mode and dense in eval mode. ``generator``: one
         ``torch.Generator`` for the batch or one per image, for reproducible
-        routing masks (and label dropout in training mode).
+        routing masks (and label dropout in training mode). ``keep``: the kept
+        tokens themselves, one ``(B, K_r)`` index tensor per route, processed in
+        that order (exact comparisons and analysis); it replaces ``sparsity``.
         """
-        return self.forward_suffix(self.forward_prefix(x, t, y, 0, generator), sparsity, generator)
+        return self.forward_suffix(self.forward_prefix(x, t, y, 0, generator), sparsity, generator, keep)
 
     def forward_prefix(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, num_blocks: int, generator: Generators = None
@@ -270,6 +294,8 @@ class DiT(nn.Module):
             raise fail("num_blocks", num_blocks, f"must be an integer in [0, depth={self.config.depth}]")
         B = x.shape[0]
         t = torch.as_tensor(t, device=x.device).expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
+        if self.config.time_reversed:
+            t = 1 - t
         tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
         c = self.t_embedder(t) + self.y_embedder(y, generator)  # (B, D)
         for i in range(num_blocks):
@@ -277,9 +303,14 @@ class DiT(nn.Module):
         return Prefix(tokens, c, num_blocks)
 
     def forward_suffix(
-        self, prefix: Prefix, sparsity: float | Sequence[float] | None = None, generator: Generators = None
+        self,
+        prefix: Prefix,
+        sparsity: float | Sequence[float] | None = None,
+        generator: Generators = None,
+        keep: Sequence[torch.Tensor] | None = None,
     ) -> torch.Tensor:
-        """Continue a ``forward_prefix`` state through the remaining blocks at sparsity γ.
+        """Continue a ``forward_prefix`` state through the remaining blocks at sparsity γ
+        (or with the given kept tokens, ``keep``, as in ``forward``).
 
         Every route active at this γ must start at or after the prefix's end: the
         prefix ran densely. ``prefix`` is not modified, so it can feed several
@@ -287,10 +318,14 @@ class DiT(nn.Module):
         """
         x, c = prefix.tokens, prefix.c
         B, N = x.shape[0], self.config.num_tokens
-        gammas = resolve_sparsity(self.routes, sparsity, self.training)
-        # Routes that drop at least one token; γ=0 leaves the dense path untouched.
-        active = {r.start: (r, kept_tokens(N, g)) for r, g in zip(self.routes, gammas, strict=True)}
-        active = {s: (r, k) for s, (r, k) in active.items() if k < N}
+        if keep is not None:
+            keep = check_keep(keep, self.routes, B, N, x.device)
+            active = {r.start: (r, idx) for r, idx in zip(self.routes, keep, strict=True)}
+        else:
+            gammas = resolve_sparsity(self.routes, sparsity, self.training)
+            # Routes that drop at least one token; γ=0 leaves the dense path untouched.
+            active = {r.start: (r, kept_tokens(N, g)) for r, g in zip(self.routes, gammas, strict=True)}
+            active = {s: (r, k) for s, (r, k) in active.items() if k < N}
         if active and min(active) < prefix.num_blocks:
             raise fail(
                 "prefix.num_blocks",
@@ -300,14 +335,14 @@ class DiT(nn.Module):
         full = idx = None
         for i in range(prefix.num_blocks, self.config.depth):
             if i in active:
-                r, keep = active[i]
-                idx = select_tokens(B, N, keep, generator, device=x.device)  # (B, K)
+                r, kept = active[i]
+                idx = kept if torch.is_tensor(kept) else select_tokens(B, N, kept, generator, device=x.device)
                 full, x = x, route(x, idx)  # (B, K, D)
             x = self.blocks[i](x, c)
             if full is not None and i == r.end:
                 x, full = unroute(full, x, idx), None  # (B, N, D)
-        x = self.final_layer(x, c)  # (B, N, p·p·C)
-        return self.unpatchify(x)
+        x = self.unpatchify(self.final_layer(x, c))  # (B, N, p·p·C) -> (B, C, H, W)
+        return -x if self.config.output_sign < 0 else x
 
     def shared_prefix_blocks(self, sparsities: Sequence[float | Sequence[float]]) -> int:
         """Blocks that passes at these γ can share (see ``DiTConfig.shared_prefix_blocks``)."""

@@ -28,17 +28,19 @@ def sincos_1d(dim: int, positions: torch.Tensor) -> torch.Tensor:
     return torch.cat([angles.sin(), angles.cos()], dim=1)
 
 
-def sincos_2d(dim: int, grid_size: int) -> torch.Tensor:
+def sincos_2d(dim: int, grid_size: int, column_first: bool = False) -> torch.Tensor:
     """Fixed 2-D sin-cos positional embedding, (grid_size², dim), row-major tokens.
 
     Half the channels encode the row, half the column (MAE/DiT convention); the
-    table is computed in float64 and stored in float32.
+    table is computed in float64 and stored in float32. sgexp puts the row in the
+    first half; ``column_first`` gives the official DiT/SiT/TREAD table.
     """
     if dim % 4 != 0:
         raise ValueError(f"hidden_size={dim} is invalid: the 2-D sin-cos embedding needs a multiple of 4")
     coords = torch.arange(grid_size)
     rows, cols = torch.meshgrid(coords, coords, indexing="ij")
-    emb = torch.cat([sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())], dim=1)
+    halves = [sincos_1d(dim // 2, rows.flatten()), sincos_1d(dim // 2, cols.flatten())]
+    emb = torch.cat(halves[::-1] if column_first else halves, dim=1)
     return emb.float()
 
 

@@ -136,6 +136,25 @@ def select_tokens(
     return idx.to(device)
 
 
+def check_keep(
+    keep: Sequence[torch.Tensor], routes: Sequence[Route], batch: int, num_tokens: int, device: torch.device
+) -> tuple[torch.Tensor, ...]:
+    """Given kept-token indices: one ``(batch, K_r)`` integer tensor per route, distinct
+    indices in ``[0, num_tokens)``, any order (the span processes them in that order)."""
+    keep = tuple(keep)
+    if len(keep) != len(routes):
+        raise fail("keep", f"<{len(keep)} tensors>", f"need one (B, K) index tensor per route ({len(routes)})")
+    for r, idx in enumerate(keep):
+        shape = tuple(idx.shape) if torch.is_tensor(idx) else None
+        if shape is None or idx.dtype != torch.long or len(shape) != 2 or shape[0] != batch:
+            raise fail(f"keep[{r}]", shape or idx, f"must be a ({batch}, K) int64 tensor of token indices")
+        if not 1 <= shape[1] <= num_tokens or idx.min() < 0 or idx.max() >= num_tokens:
+            raise fail(f"keep[{r}]", shape, f"needs 1 <= K <= {num_tokens} indices in [0, {num_tokens})")
+        if (idx.sort(dim=1).values.diff(dim=1) == 0).any():
+            raise fail(f"keep[{r}]", shape, "indices must be distinct within each image")
+    return tuple(idx.to(device) for idx in keep)
+
+
 def _rows(idx: torch.Tensor, num_tokens: int) -> torch.Tensor:
     """(B, K) token indices -> (B·K,) row indices into the tokens flattened to (B·N, D)."""
     offsets = torch.arange(idx.shape[0], device=idx.device).mul_(num_tokens).unsqueeze(1)  # (B, 1)
