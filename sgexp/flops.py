@@ -17,6 +17,9 @@ their dense prefix (SG with ``share_prefix``, the default; see
 timestep MLP, blocks before the first routed block) is counted once: the
 paper's SiT-XL/2 SG(0.5, 0.9) step costs 89.47 GFLOPs instead of 97.65
 (``share_prefix=False`` / ``--no-share-prefix`` give the paper's convention).
+ICG costs what CFG costs (two dense passes, 228.84 GFLOPs per step on SiT-XL/2,
+the paper's ICG row): its branches differ in label, which adaLN carries into
+every block, so nothing is shared.
 This model is the source of truth for sweeps; ``tests/test_flops.py`` checks
 it against ``torch.utils.flop_counter.FlopCounterMode`` (which counts 2 FLOPs
 per MAC).

@@ -20,11 +20,11 @@ PER_CLASS = 6
 RESOLUTION = 32
 
 
-def write_image_tree(root: Path, seed: int = 0) -> Path:
+def write_image_tree(root: Path, seed: int = 0, classes: int = CLASSES) -> Path:
     """``root/toy/c<k>/<i>.png``: smooth random RGB images of odd sizes (the prepare step crops them)."""
     rng = np.random.default_rng(seed)
     tree = root / "toy"
-    for c in range(CLASSES):
+    for c in range(classes):
         (tree / f"c{c}").mkdir(parents=True)
         for i in range(PER_CLASS):
             coarse = rng.integers(0, 256, (5, 4, 3), dtype=np.uint8)  # a blurry blob: images a VAE can encode
@@ -51,7 +51,8 @@ def save_tiny_vae(directory: Path, seed: int = 0) -> Path:
     return directory
 
 
-def toy_image_dataset(root: Path) -> Path:
-    """``root/shards/toy``: 18 RGB 32x32 images in 3 classes (14 train / 4 val), 8 + 4 shards."""
-    tree = write_image_tree(root / "tree")
+def toy_image_dataset(root: Path, classes: int = CLASSES) -> Path:
+    """``root/shards/toy``: 18 RGB 32x32 images in 3 classes (14 train / 4 val), 8 + 4 shards;
+    6 images of each class for other ``classes`` (up to 10: the folder names c0..c9 sort as the labels)."""
+    tree = write_image_tree(root / "tree", classes=classes)
     return prepare_folder(tree, RESOLUTION, root=root / "shards", val_fraction=0.2, workers=1)

@@ -12,7 +12,7 @@ from conftest import small_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sgexp.diffusion import Sampler, autoguidance, cfg, cfg_sparse_guidance, sparse_guidance, unguided
+from sgexp.diffusion import Sampler, autoguidance, cfg, cfg_sparse_guidance, icg, sparse_guidance, unguided
 from sgexp.flops import main, pass_macs, sample_cost
 from sgexp.models import DiT, DiTConfig, Route
 
@@ -25,16 +25,30 @@ EULER40 = Sampler("euler", 40)
     [
         (unguided(), 114.42),
         (cfg(1.5), 228.84),
+        (icg(1.5), 228.84),  # the paper's ICG row (FID 2.81)
         (sparse_guidance(1.5, 0.5, 0.9), 97.67),
         # SG_FID: weak = another checkpoint at cosine 0.6->0, strong cosine 0->0.6.
         (autoguidance(1.5, "cosine:0:0.6", "cosine:0.6:0"), 173.16),
     ],
-    ids=["unguided", "cfg", "sg_0.5_0.9", "ag_sg_cosine"],
+    ids=["unguided", "cfg", "icg", "sg_0.5_0.9", "ag_sg_cosine"],
 )
 def test_paper_gflops_per_step(rule, paper):
     cost = sample_cost(XL, rule, EULER40, share_prefix=False)  # the paper runs every pass in full
     assert cost.gflops_per_step == pytest.approx(paper, rel=0.005)
     assert cost.gflops_per_sample == pytest.approx(40 * cost.gflops_per_step)
+
+
+def test_icg_is_priced_as_two_dense_passes_without_sharing(capsys):
+    config = small_config()
+    sampler = Sampler("heun", 5)
+    cost = sample_cost(config, icg(2.0, interval=(0.3, 0.7)), sampler)  # as the sampler runs it (share_prefix on)
+    assert cost == sample_cost(config, cfg(2.0, interval=(0.3, 0.7)), sampler) and cost.gflops_shared_per_step == 0
+    guided = sum(0.3 <= t <= 0.7 for _, t in sampler.evaluation_points())
+    evaluations = len(sampler.evaluation_points())
+    assert cost.gflops_per_sample == pytest.approx((evaluations + guided) * pass_macs(config, 0.0) / 1e9)
+    assert main(["--guidance", "icg", "--scale", "1.5", "--json"]) == 0  # SiT-XL/2, route 2:24, prefix sharing on
+    result = json.loads(capsys.readouterr().out)
+    assert result["gflops_per_step"] == pytest.approx(228.84, rel=0.005) and result["relative_to_cfg"] == 1.0
 
 
 def test_sg_costs_43_percent_of_cfg():

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import warnings
 
 import pytest
 import torch
@@ -11,19 +12,24 @@ from conftest import randomize, small_config
 from sgexp.diffusion import (
     Constant,
     Cosine,
+    CrossingScheduleWarning,
     Pass,
     Sampler,
     autoguidance,
     build_guidance,
     cfg,
     cfg_sparse_guidance,
+    generate,
+    icg,
     sparse_guidance,
     unguided,
 )
 from sgexp.diffusion.guidance import as_schedule, evaluate
+from sgexp.diffusion.seeds import random_labels, sample_labels
 from sgexp.models import DiT
 
 NULL = 5  # small_config has 5 classes
+RANDOM = torch.tensor([3, 0, 4, 1])  # ICG's random classes for the four samples of ``xy`` (none equals its label)
 
 
 @pytest.fixture
@@ -38,9 +44,9 @@ def gens(seed=0, n=4):
     return [torch.Generator().manual_seed(seed + i) for i in range(n)]
 
 
-def D(models, x, t, y, model="main", label=True, gamma=0.0, generator=None):
-    """One direct network call, outside any guidance code."""
-    labels = y if label else torch.full_like(y, NULL)
+def D(models, x, t, y, model="main", label=True, gamma=0.0, generator=None, labels=None):
+    """One direct network call, outside any guidance code (``labels`` replaces y, e.g. ICG's c̃)."""
+    labels = labels if labels is not None else y if label else torch.full_like(y, NULL)
     return models[model](x, torch.full((x.shape[0],), t), labels, sparsity=gamma, generator=generator)
 
 
@@ -54,16 +60,17 @@ def xy():
     "rule,weak,strong",
     [
         (cfg(3.0), dict(label=False), dict()),
+        (icg(3.0), dict(labels=RANDOM), dict()),
         (sparse_guidance(3.0, 0.25, 0.75), dict(gamma=0.75), dict(gamma=0.25)),
         (cfg_sparse_guidance(3.0, 0.0, 0.5), dict(label=False, gamma=0.5), dict(gamma=0.0)),
         (autoguidance(3.0), dict(model="weak"), dict()),
         (autoguidance(3.0, 0.25, 0.5), dict(model="weak", gamma=0.5), dict(gamma=0.25)),
     ],
-    ids=["cfg", "sg", "cfg_sg", "ag", "ag_sg"],
+    ids=["cfg", "icg", "sg", "cfg_sg", "ag", "ag_sg"],
 )
 def test_rule_matches_its_formula(models, xy, rule, weak, strong):
     x, y = xy
-    out = evaluate(rule, models, x, 0.6, y, step=0, num_steps=10, generator=gens())
+    out = evaluate(rule, models, x, 0.6, y, step=0, num_steps=10, generator=gens(), random_labels=RANDOM)
     # The rule runs weak then strong; replay the same generators in that order.
     g = gens()
     d_weak = D(models, x, 0.6, y, generator=g, **weak)
@@ -114,7 +121,7 @@ class Recorder(torch.nn.Module):
     "rule",
     [
         cfg(2.0, interval=(0.2, 0.7)),
-        sparse_guidance(4.0, "cosine:0:0.5", "cosine:0.75:0.25"),
+        sparse_guidance(4.0, "cosine:0:0.5", "cosine:0.9:0.6"),
         autoguidance(2.0, "cosine:0:0.6", "cosine:0.6:0"),
         cfg_sparse_guidance(1.5, 0.0, 0.5, interval=(0.0, 0.5)),
     ],
@@ -173,9 +180,62 @@ def test_bad_guidance_input(make, match):
         make()
 
 
-def test_crossing_cosine_schedules_are_allowed():
-    rule = sparse_guidance(2.0, "cosine:0:0.6", "cosine:0.6:0")
-    assert rule.passes(39, 40, 0.0)[0].sparsity == pytest.approx(0.0)
+def test_crossing_schedules_on_one_model_warn_naming_the_setting_and_t():
+    with pytest.warns(CrossingScheduleWarning) as caught:
+        rule = build_guidance("sg", 5.0, "cosine:0:0.6", "cosine:0.6:0")  # configs/guidance/sg_cosine.yaml
+    assert len(caught) == 1
+    message = str(caught[0].message)
+    assert "gamma_strong=cosine:0:0.6 and gamma_weak=cosine:0.6:0 cross at t≈0.50" in message
+    assert message.startswith(str(rule)) and "ag_sg" in message
+    assert rule.passes(39, 40, 0.0)[0].sparsity == pytest.approx(0.0)  # allowed: the weak branch is denser at the end
+    with pytest.warns(CrossingScheduleWarning, match=r"cross at t≈0.33 \(67% of the sampling steps\)"):
+        sparse_guidance(2.0, "cosine:0:0.5", "cosine:0.75:0.25")
+    with warnings.catch_warnings():  # schedules that do not cross, and crossing ones on another weak model
+        warnings.simplefilter("error")
+        sparse_guidance(2.0, "cosine:0:0.3", "cosine:0.9:0.6")
+        sparse_guidance(2.0, 0.3, "cosine:0.9:0.4")
+        autoguidance(2.0, "cosine:0:0.6", "cosine:0.6:0")
+        cfg_sparse_guidance(2.0, "cosine:0:0.6", "cosine:0.6:0")
+
+
+class LabelRecorder(torch.nn.Module):
+    """Records the labels of every call."""
+
+    def __init__(self, model, log):
+        super().__init__()
+        self.model, self.log, self.null_label = model, log, model.null_label
+
+    def forward(self, x, t, y, sparsity=None, generator=None):
+        self.log.append(y.clone())
+        return self.model(x, t, y, sparsity=sparsity, generator=generator)
+
+
+def test_icg_random_class_comes_from_the_per_index_seeds_and_is_fixed_over_the_trajectory(models):
+    log: list[torch.Tensor] = []
+    wrapped = {"main": LabelRecorder(models["main"], log)}
+    sampler, shape, indices = Sampler("heun", 3), (3, 8, 8), list(range(6))
+    full, labels = generate(sampler, icg(2.0), wrapped, indices, shape, num_classes=5, base_seed=7)
+    c_rand = random_labels(indices, 5, base_seed=7)
+    assert labels.tolist() == [0, 1, 2, 3, 4, 0] and len(set(c_rand.tolist())) > 1
+    # Every evaluation runs the weak pass on c̃ (the same at every step) and then the strong pass on c.
+    assert len(log) == 2 * len(sampler.evaluation_points())
+    assert all(torch.equal(y, c_rand) for y in log[0::2]) and all(torch.equal(y, labels) for y in log[1::2])
+    # Per index: the same c̃ and the same sample whatever the batch; c̃ has its own stream, not the label's.
+    assert torch.equal(torch.cat([random_labels([i], 5, 7) for i in indices]), c_rand)
+    assert not torch.equal(random_labels(range(64), 5, 7), sample_labels(range(64), 5, 7, "random"))
+    parts = [generate(sampler, icg(2.0), models, batch, shape, 5, base_seed=7)[0] for batch in ([0, 1, 2, 3], [4, 5])]
+    torch.testing.assert_close(torch.cat(parts), full, rtol=0, atol=1e-6)
+    with pytest.raises(ValueError, match=r"random_labels=None is invalid: guidance 'icg' needs a random class"):
+        sampler.sample(icg(2.0), models, torch.zeros(1, *shape), labels[:1])
+
+
+def test_icg_is_dense_and_unshared():
+    passes = icg(1.5).passes(0, 40, 0.5)
+    assert passes == [Pass("main", True, 0.0, random_label=True), Pass("main", True, 0.0)]
+    assert not icg(1.5).shares_prefix(passes) and icg(1.5).needs_random_labels and not cfg(1.5).needs_random_labels
+    assert str(icg(1.5)) == "icg: D(c̃; γ=0) + 1.5·(D(c; γ=0) − D(c̃; γ=0))"
+    with pytest.raises(ValueError, match=r"guidance='icg' is invalid: plain ICG runs dense passes"):
+        build_guidance("icg", 2.0, 0.5, 0.9)
 
 
 def test_missing_weak_model_fails_before_sampling(models, xy):

@@ -18,13 +18,14 @@ import pytest
 import torch
 from conftest import ROOT, compose_train, digits_run
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
 
 from sgexp import sweep
 from sgexp.data import ensure_prepared
 from sgexp.eval import evaluator, train_classifier
-from sgexp.sweeps.config import load_study
+from sgexp.sweeps.config import frozen_config, load_study
 from sgexp.sweeps.space import InSpaceSampler, SearchSpace, make_sampler
 from sgexp.sweeps.storage import STALE, Heartbeat, counts, last_beat, open_storage, reap_stale, release
 from sgexp.train import run as train
@@ -333,3 +334,59 @@ def test_stale_trial_is_released_once_and_heartbeats_keep_trials_alive(tmp_path,
     assert counts(a)["done"] == 0  # a requeued FAIL does not use the budget
     retry = a.ask()
     assert retry.number == 1 and retry.suggest_float("x", 0.0, 1.0) == trials[0].params["x"]
+
+
+def test_fig6_ag_sg_grid_study_runs_the_whole_grid_and_logs_its_heatmap(trained, tmp_path):
+    """A 1 w × 2 × 2 AG+SG grid (γ_s >= γ_w cells included) plus an ICG fixed point: the grid sampler visits
+    every cell once, the report draws the exact map and logs it to the study's MLflow parent run."""
+    shards, result, tracking_uri = trained
+    sets = [
+        f"checkpoint={result.checkpoint}", f"weak_checkpoint={result.checkpoint}", f"paths.root={ROOT}",
+        f"paths.data_dir={shards}", f"paths.runs_dir={tmp_path / 'runs'}", "sampler.steps=2", "batch_size=48",
+        "grid_size=0", "space.ag_sg.scale=null", "+space.ag_sg.fixed.scale=2.0", "baselines=[{rule: icg, scale: 2.0}]",
+        *[f"space.ag_sg.{key}={{low: 0.0, high: 0.8, step: 0.8}}" for key in ("gamma_strong", "gamma_weak")],
+    ]  # fmt: skip
+    args = ["--study", "fig6_ag_sg", "--storage", str(tmp_path / "study.log"), "--tracking-uri", tracking_uri]
+    args += ["--n-trials", "5", "--samples", "16", *[a for s in sets for a in ("--set", s)]]
+    summary = sweep.main(args)
+    trials = load(tmp_path, "fig6_ag_sg").trials
+    assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
+    icg = trials[0]  # the baseline, sampled end to end with a random class per sample on its weak branch
+    assert icg.user_attrs["family"] == "icg" and not icg.params and math.isfinite(icg.values[0])
+    assert icg.user_attrs["relative_to_cfg"] == 1.0  # priced like CFG: two dense passes
+    grid = [t for t in trials if t.user_attrs["family"] == "ag_sg"]
+    cells = sorted((t.params["gamma_strong"], t.params["gamma_weak"]) for t in grid)
+    assert cells == [(0.0, 0.0), (0.0, 0.8), (0.8, 0.0), (0.8, 0.8)]  # each once, γ_s >= γ_w included
+    assert all(t.user_attrs["setting"]["rule"] == "ag_sg" and t.user_attrs["scale"] == 2.0 for t in grid)
+    assert {t.system_attrs["grid_id"] for t in grid} == {0, 1, 2, 3}
+    assert summary["report"]["heatmaps_ag_sg.png"].stat().st_size > 0
+    client = MlflowClient(tracking_uri)
+    parent = load(tmp_path, "fig6_ag_sg").user_attrs["mlflow_parent_run_id"]
+    assert "heatmaps_ag_sg.png" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
+    sweep.main(args)  # the grid is done: a re-run evaluates nothing again
+    assert len(load(tmp_path, "fig6_ag_sg").trials) == 5
+
+
+def test_fig6_grid_is_the_papers_and_grids_are_checked():
+    cfg = load_study("fig6_ag_sg", ["weak_checkpoint=any.ckpt"])
+    space = SearchSpace(cfg)
+    gammas = [0.0, 0.2, 0.4, 0.6, 0.8]  # the full [0, 0.8]², γ_s >= γ_w included
+    grid = {"scale": [1.3, 1.5, 1.7, 1.9], "gamma_strong": gammas, "gamma_weak": gammas}
+    assert space.families["ag_sg"].grid() == grid
+    assert cfg.n_trials == 4 * 5 * 5 + len(cfg.baselines)
+    with pytest.raises(ValueError, match=r"weak_checkpoint=None is invalid: family 'ag_sg' \(AutoGuidance\)"):
+        load_study("fig6_ag_sg")
+    with pytest.raises(ValueError, match=r"n_trials=103 is invalid: exceeds the grid's 100 points \+ 2 baselines"):
+        load_study("fig6_ag_sg", ["weak_checkpoint=any.ckpt", "n_trials=103"])
+    with pytest.raises(ValueError, match=r"space.ag_sg.scale.step=None is invalid: the grid sampler needs a step"):
+        load_study("fig6_ag_sg", ["weak_checkpoint=any.ckpt", "space.ag_sg.scale.step=null"])
+    with pytest.raises(ValueError, match=r"optuna.sampler='grid' is invalid: searches one family"):
+        load_study("cfg_icg_scale", ["optuna.sampler=grid"])
+    # ICG is a family of its own (dense: no γ to search); a study stored before ranges had a step still resumes.
+    assert SearchSpace(load_study("cfg_icg_scale")).params_for({"rule": "icg", "scale": 1.5})[0] == "icg"
+    old = OmegaConf.to_container(load_study("sparsity_pareto"), resolve=True)
+    for ranges in old["space"].values():
+        for r in ranges.values():
+            if isinstance(r, dict) and "low" in r:
+                del r["step"]
+    assert frozen_config(old) == frozen_config(load_study("sparsity_pareto"))

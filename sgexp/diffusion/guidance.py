@@ -2,7 +2,8 @@
 
 Every rule in the table of DESIGN.md is one pattern, a strong and a weak
 prediction extrapolated away from the weak one (CFG, Ho & Salimans 2022;
-AutoGuidance, Karras et al. 2024; Sparse Guidance, Krause et al. 2026, Eq. 7-8):
+AutoGuidance, Karras et al. 2024; ICG, Sadat et al. 2024; Sparse Guidance,
+Krause et al. 2026, Eq. 7-8):
 
     D = D_weak + w · (D_strong − D_weak)
 
@@ -12,6 +13,7 @@ their two branches:
     rule     weak branch               strong branch
     none     -                         D(c; γ)          (one pass)
     cfg      D(∅; 0)                   D(c; 0)
+    icg      D(c̃; 0), c̃ a random class  D(c; 0)
     sg       D(c; γ_w)                 D(c; γ_s)        both conditional, γ_s < γ_w
     cfg_sg   D(∅; γ_w)                 D(c; γ_s)
     ag       D_weak-model(c; 0)        D(c; 0)
@@ -25,13 +27,24 @@ model and the same label (SG), they see the same x_t, t and conditioning, so
 every block before the first routed block computes the same activations in
 both. ``evaluate`` runs that prefix once and branches after it (bit-identical
 to two separate passes); ``Guidance.share_prefix`` switches it off, and the
-FLOPs model prices whichever is in force. CFG, CFG+SG and AutoGuidance branches
-differ in label or model, so nothing is shared there.
+FLOPs model prices whichever is in force. CFG, ICG, CFG+SG and AutoGuidance
+branches differ in label or model, so nothing is shared there.
+
+ICG's random label c̃ (independent condition guidance) is drawn per sample
+index from its own seed stream (``sgexp.diffusion.seeds.random_labels``), once
+per trajectory: sample i guides away from the same c̃ at every step and in every
+setting. It is uniform over the classes, so it equals c with probability 1/K.
+
+Schedules that cross (γ_s(t) > γ_w(t) for some t, γ_s < γ_w for others) are
+fine with another weak model (AG+SG, the paper's SG_FID), but on one model (SG)
+they reverse the guidance direction after the crossing: ``sparse_guidance``
+warns (``CrossingScheduleWarning``), naming the schedules and the t.
 """
 
 from __future__ import annotations
 
 import math
+import warnings
 from collections.abc import Mapping
 from dataclasses import dataclass, field, replace
 
@@ -98,13 +111,33 @@ def as_schedule(value: float | str | Schedule, name: str = "sparsity") -> Schedu
         raise fail(name, value, "expected a number in [0, 1) or 'cosine:START:END'") from None
 
 
+def schedule_crossing(strong: Schedule, weak: Schedule) -> float | None:
+    """Sampling progress p ∈ (0, 1) (t ≈ 1 − p) where γ_strong − γ_weak changes sign, or None.
+
+    Both schedules are ``end + (start − end)·c(p)`` with the same c(p) = (1 + cos πp)/2
+    (a constant has start = end), so the difference is linear in c and crosses at most once.
+    """
+    first, last = (strong(i, 2) - weak(i, 2) for i in (0, 1))  # at p = 0 (c = 1) and p = 1 (c = 0)
+    if first * last >= 0:
+        return None
+    c = last / (last - first)
+    return math.acos(2 * c - 1) / math.pi
+
+
+class CrossingScheduleWarning(UserWarning):
+    """SG on one model with γ_strong and γ_weak schedules that cross: the guidance reverses."""
+
+
 @dataclass(frozen=True)
 class Pass:
-    """One network evaluation: which model, conditional or null label, at which γ."""
+    """One network evaluation: which model, conditional or null label, at which γ.
+
+    ``random_label``: the label is the sample's random class c̃ (ICG), not its own."""
 
     model: str
     conditional: bool
     sparsity: float
+    random_label: bool = False
 
 
 @dataclass(frozen=True)
@@ -114,12 +147,13 @@ class Branch:
     model: str = "main"
     conditional: bool = True
     sparsity: Schedule = field(default_factory=Constant)
+    random_label: bool = False  # ICG: condition on the sample's random class c̃
 
     def at(self, step: int, num_steps: int) -> Pass:
-        return Pass(self.model, self.conditional, self.sparsity(step, num_steps))
+        return Pass(self.model, self.conditional, self.sparsity(step, num_steps), self.random_label)
 
     def __str__(self) -> str:
-        label = "c" if self.conditional else "∅"
+        label = ("c̃" if self.random_label else "c") if self.conditional else "∅"
         model = "" if self.model == "main" else f"{self.model}:"
         return f"{model}D({label}; γ={self.sparsity})"
 
@@ -149,6 +183,11 @@ class Guidance:
     def models(self) -> set[str]:
         """Model names the rule needs (keys of the ``models`` mapping)."""
         return {b.model for b in (self.strong, self.weak) if b is not None}
+
+    @property
+    def needs_random_labels(self) -> bool:
+        """Whether a branch conditions on a random class (ICG): ``evaluate`` then needs ``random_labels``."""
+        return any(b is not None and b.random_label for b in (self.strong, self.weak))
 
     def guided_at(self, t: float) -> bool:
         if self.weak is None or self.scale == 1.0:
@@ -194,7 +233,20 @@ class Guidance:
 def can_share_prefix(passes: list[Pass]) -> bool:
     """Two passes of one model with the same label choice: they agree on everything
     (x_t, t, conditioning) up to the first block that either of them routes."""
-    return len(passes) == 2 and passes[0].model == passes[1].model and passes[0].conditional == passes[1].conditional
+    if len(passes) != 2:
+        return False
+    a, b = passes
+    return a.model == b.model and a.conditional == b.conditional and a.random_label == b.random_label
+
+
+def _pass_labels(p: Pass, model, labels: torch.Tensor, random_labels: torch.Tensor | None) -> torch.Tensor:
+    if not p.conditional:
+        return torch.full_like(labels, model.null_label)
+    if not p.random_label:
+        return labels
+    if random_labels is None:
+        raise fail("random_labels", None, "ICG conditions its weak branch on a random class per sample: pass them")
+    return random_labels
 
 
 def evaluate(
@@ -206,8 +258,10 @@ def evaluate(
     step: int,
     num_steps: int,
     generator=None,
+    random_labels: torch.Tensor | None = None,
 ) -> torch.Tensor:
-    """Run the passes of ``rule`` at (x, t) and combine them. x (B, C, H, W), labels (B,).
+    """Run the passes of ``rule`` at (x, t) and combine them. x (B, C, H, W), labels (B,);
+    ``random_labels`` (B,): ICG's random class per sample (``seeds.random_labels``).
 
     With prefix sharing the common prefix runs once (models that offer
     ``forward_prefix``/``forward_suffix``, in eval mode: in training mode label
@@ -218,7 +272,7 @@ def evaluate(
     passes = rule.passes(step, num_steps, t)
     model = models[passes[0].model]
     if rule.shares_prefix(passes) and hasattr(model, "forward_prefix") and not model.training:
-        y = labels if passes[0].conditional else torch.full_like(labels, model.null_label)
+        y = _pass_labels(passes[0], model, labels, random_labels)
         num_blocks = model.shared_prefix_blocks([p.sparsity for p in passes])
         prefix = model.forward_prefix(x, t_batch, y, num_blocks)
         outputs = [model.forward_suffix(prefix, sparsity=p.sparsity, generator=generator) for p in passes]
@@ -226,7 +280,7 @@ def evaluate(
     outputs = []
     for p in passes:
         model = models[p.model]
-        y = labels if p.conditional else torch.full_like(labels, model.null_label)
+        y = _pass_labels(p, model, labels, random_labels)
         outputs.append(model(x, t_batch, y, sparsity=p.sparsity, generator=generator))
     return rule.combine(outputs)
 
@@ -242,6 +296,14 @@ def unguided(sparsity: float | str | Schedule = 0.0) -> Guidance:
 def cfg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
     """Classifier-free guidance: D(∅;0) + w·(D(c;0) − D(∅;0))."""
     return Guidance("cfg", scale, strong=Branch(), weak=Branch(conditional=False), interval=interval)
+
+
+def icg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
+    """Independent condition guidance (Sadat et al. 2024): D(c̃;0) + w·(D(c;0) − D(c̃;0)),
+    c̃ a uniformly random class per sample, fixed over its trajectory (module docstring).
+    Two dense passes per step like CFG; they differ in label, so no prefix is shared."""
+    weak = Branch(random_label=True)
+    return Guidance("icg", scale, strong=Branch(), weak=weak, interval=interval)
 
 
 def _sparse_branches(strong_sparsity, weak_sparsity) -> tuple[Schedule, Schedule]:
@@ -266,9 +328,19 @@ def sparse_guidance(
         raise fail(
             "gamma_strong", strong.value, f"Sparse Guidance needs gamma_strong < gamma_weak (gamma_weak={weak.value})"
         )
-    return Guidance(
+    rule = Guidance(
         "sg", scale, Branch(sparsity=strong), Branch(sparsity=weak), interval=interval, share_prefix=share_prefix
     )
+    crossing = schedule_crossing(strong, weak)
+    if crossing is not None:
+        warnings.warn(
+            f"{rule}: gamma_strong={strong} and gamma_weak={weak} cross at t≈{1 - crossing:.2f} "
+            f"({crossing:.0%} of the sampling steps): on one model the guidance direction reverses there. "
+            "The paper's crossing schedules (SG_FID) guide with another checkpoint: rule ag_sg",
+            CrossingScheduleWarning,
+            stacklevel=2,
+        )
+    return rule
 
 
 def cfg_sparse_guidance(
@@ -298,7 +370,7 @@ def autoguidance(
     return Guidance(name, scale, strong=Branch(sparsity=strong), weak=weak_branch, interval=interval)
 
 
-RULES = ("none", "cfg", "sg", "cfg_sg", "ag", "ag_sg")
+RULES = ("none", "cfg", "icg", "sg", "cfg_sg", "ag", "ag_sg")
 
 
 def build_guidance(
@@ -320,10 +392,10 @@ def build_guidance(
 def _build(rule, scale, gamma_strong, gamma_weak, interval) -> Guidance:
     if rule == "none":
         return unguided(gamma_strong)
-    if rule == "cfg":
+    if rule in ("cfg", "icg"):
         if as_schedule(gamma_strong) != Constant(0.0) or as_schedule(gamma_weak) != Constant(0.0):
-            raise fail("guidance", rule, "plain CFG runs dense passes; use 'cfg_sg' for sparse branches")
-        return cfg(scale, interval)
+            raise fail("guidance", rule, f"plain {rule.upper()} runs dense passes; use 'cfg_sg' for sparse branches")
+        return (cfg if rule == "cfg" else icg)(scale, interval)
     builder = {
         "sg": sparse_guidance,
         "cfg_sg": cfg_sparse_guidance,

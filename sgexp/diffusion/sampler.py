@@ -19,7 +19,7 @@ import torch
 
 from sgexp.checks import check_choice, check_positive_int, fail
 from sgexp.diffusion.guidance import Guidance, evaluate
-from sgexp.diffusion.seeds import initial_noise, routing_generators, sample_labels
+from sgexp.diffusion.seeds import initial_noise, random_labels, routing_generators, sample_labels
 
 SOLVERS = ("euler", "heun")
 
@@ -59,23 +59,27 @@ class Sampler:
         labels: torch.Tensor,
         generator=None,
         on_step: Callable[[int], None] | None = None,
+        random_labels: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """Integrate from ``noise`` (t=1) to a sample (t=0). noise (B, C, H, W), labels (B,).
 
         ``generator``: for the routing masks, one per image for per-index determinism.
+        ``random_labels`` (B,): ICG's random class per sample, the same at every step.
         """
         missing = rule.models - set(models)
         if missing:
             raise fail("models", sorted(models), f"guidance '{rule.name}' needs models {sorted(rule.models)}")
+        if rule.needs_random_labels and random_labels is None:
+            raise fail("random_labels", None, f"guidance '{rule.name}' needs a random class per sample")
         grid = self.time_grid()
         n = self.num_steps
         x = noise
         for i in range(n):
             t, t_next = grid[i], grid[i + 1]
-            v = evaluate(rule, models, x, t, labels, i, n, generator)
+            v = evaluate(rule, models, x, t, labels, i, n, generator, random_labels)
             x_euler = x + (t_next - t) * v
             if self.solver == "heun":
-                v_next = evaluate(rule, models, x_euler, t_next, labels, i, n, generator)
+                v_next = evaluate(rule, models, x_euler, t_next, labels, i, n, generator, random_labels)
                 x = x + (t_next - t) * 0.5 * (v + v_next)
             else:
                 x = x_euler
@@ -96,7 +100,7 @@ def generate(
     labels: torch.Tensor | None = None,
     device: torch.device | str = "cpu",
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Samples for the given indices with per-index noise, labels and routing masks.
+    """Samples for the given indices with per-index noise, labels, routing masks (and ICG's random classes).
 
     Returns (samples (B, *shape), labels (B,)). Sample ``i`` is the same whatever
     the batch it is generated in.
@@ -106,5 +110,6 @@ def generate(
         labels = sample_labels(indices, num_classes, base_seed, label_mode)
     noise = initial_noise(indices, shape, base_seed).to(device)
     generators = routing_generators(indices, base_seed)
-    samples = sampler.sample(rule, models, noise, labels.to(device), generator=generators)
+    c_rand = random_labels(indices, num_classes, base_seed).to(device) if rule.needs_random_labels else None
+    samples = sampler.sample(rule, models, noise, labels.to(device), generator=generators, random_labels=c_rand)
     return samples, labels

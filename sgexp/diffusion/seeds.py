@@ -1,7 +1,7 @@
 """Per-index randomness: sample ``i`` draws everything from seeds of ``(base_seed, i)``.
 
-Its initial noise, its label (in ``random`` mode) and its routing masks come
-from its own generators, never from a batch-wide stream. A sample is therefore
+Its initial noise, its label (in ``random`` mode), its routing masks and ICG's
+random class come from its own generators, never from a batch-wide stream. A sample is therefore
 the same whatever the batch size, the order of generation or the number of
 processes, and two guidance settings evaluated on the same indices differ only
 by the setting (common random numbers).
@@ -17,7 +17,7 @@ import torch
 from sgexp.checks import check_choice, check_positive_int
 
 # Independent streams per index.
-NOISE, LABEL, ROUTING = 0, 1, 2
+NOISE, LABEL, ROUTING, RANDOM_LABEL = 0, 1, 2, 3
 
 
 def index_seed(base_seed: int, index: int, stream: int) -> int:
@@ -48,6 +48,14 @@ def sample_labels(indices: Sequence[int], num_classes: int, base_seed: int, mode
         return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
     gens = (index_generator(base_seed, i, LABEL) for i in indices)
     return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens])
+
+
+def random_labels(indices: Sequence[int], num_classes: int, base_seed: int) -> torch.Tensor:
+    """ICG's random class c̃ per index: uniform over ``num_classes``, from the index's own stream
+    (independent of its label, even in ``random`` label mode); one per trajectory."""
+    check_positive_int("num_classes", num_classes)
+    gens = (index_generator(base_seed, i, RANDOM_LABEL) for i in indices)
+    return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens]).to(torch.long)
 
 
 def routing_generators(indices: Sequence[int], base_seed: int) -> list[torch.Generator]:

@@ -10,7 +10,10 @@ valid guidance settings (``ValueError`` before any trial, in the ``name=value is
 Search space, per guidance family (``space.<family>``): ranges for ``scale`` (w), ``gamma_strong`` (γ_s)
 and either ``gamma_weak`` (γ_w, an independent range) or ``gamma_weak_fraction`` (u): with u,
 ``γ_w = γ_s + u·(gamma_weak_max − γ_s)``, which guarantees γ_s < γ_w for every sampled point (u > 0), as
-Sparse Guidance requires. Everything not searched is fixed by ``fixed`` (default: w = 1, γ = 0).
+Sparse Guidance requires (AG+SG's weak branch is another model: its γ_w may lie at or below γ_s). Everything not
+searched is fixed by ``fixed`` (default: w = 1, γ = 0). A range with ``step`` takes the values low, low + step, ...
+(TPE and GP honour it); ``optuna.sampler: grid`` evaluates the whole grid of one family's stepped ranges
+(``sweeps/fig6_ag_sg.yaml``).
 """
 
 from __future__ import annotations
@@ -33,7 +36,7 @@ if TYPE_CHECKING:
 
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 OBJECTIVES = ("fid", "gflops_per_sample", "relative_to_cfg", "seconds_per_sample")  # all minimised
-OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2")
+OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2", "grid")
 RANGE_KEYS = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
 # What a trial's numbers depend on (``check_resume``): a resumed study must not change them.
 FROZEN_KEYS = ("family", "space", "objectives", "sampler", "samples_per_trial", "seed", "extractor", "reference_split")
@@ -41,11 +44,12 @@ FROZEN_KEYS = ("family", "space", "objectives", "sampler", "samples_per_trial", 
 
 @dataclass
 class RangeConfig:
-    """A float range ``[low, high]`` (log-uniform with ``log: true``)."""
+    """A float range ``[low, high]`` (log-uniform with ``log: true``; on a grid of ``step``)."""
 
     low: float = MISSING
     high: float = MISSING
     log: bool = False
+    step: float | None = None  # values low, low + step, ..., <= high; needed by the grid sampler
 
 
 @dataclass
@@ -68,7 +72,7 @@ class FamilySpaceConfig:
 
 @dataclass
 class OptunaConfig:
-    sampler: str = "tpe"  # tpe | gp | nsga2
+    sampler: str = "tpe"  # tpe | gp | nsga2 | grid (every point of one family's stepped ranges)
     seed: int = 0  # each process seeds its sampler with a hash of this and its identity (space.process_seed)
     n_startup_trials: int = 10  # random trials before the model-based sampler takes over (tpe, gp)
     population_size: int = 20  # nsga2
@@ -157,6 +161,8 @@ def _check_range(key: str, r: DictConfig, lo: float, hi: float, hi_open: bool, w
         raise fail(key, dict(low=low, high=high), "needs low < high (fix a value with `fixed` instead)")
     if r.log and low <= 0:
         raise fail(key, dict(low=low, high=high, log=True), "a log-uniform range needs low > 0")
+    if r.step is not None and (r.log or not 0 < float(r.step) <= high - low):
+        raise fail(f"{key}.step", r.step, f"must lie in (0, high - low = {high - low:g}] and not with log: true")
 
 
 def _check_family(prefix: str, name: str, fam: DictConfig, weak_checkpoint: str | None) -> None:
@@ -179,8 +185,8 @@ def _check_family(prefix: str, name: str, fam: DictConfig, weak_checkpoint: str 
     for key in ("gamma_strong", "gamma_weak"):
         if fam[key] is not None:
             _check_range(f"{prefix}.{key}", fam[key], 0.0, 1.0, True, "sparsity γ")
-    if rule == "cfg" and ({"gamma_strong", "gamma_weak", "gamma_weak_fraction"} & set(searched)):
-        raise fail(f"{prefix}", name, "plain CFG runs dense passes: search γ with the cfg_sg rule instead")
+    if rule in ("cfg", "icg") and ({"gamma_strong", "gamma_weak", "gamma_weak_fraction"} & set(searched)):
+        raise fail(f"{prefix}", name, f"plain {rule.upper()} runs dense passes: search γ with the cfg_sg rule instead")
     if fam.gamma_weak_fraction is not None:
         if fam.gamma_weak is not None:
             raise fail(f"{prefix}.gamma_weak_fraction", "set", "give gamma_weak or gamma_weak_fraction, not both")
@@ -190,7 +196,7 @@ def _check_family(prefix: str, name: str, fam: DictConfig, weak_checkpoint: str 
         gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
         if not gs_max < fam.gamma_weak_max < 1.0:
             raise fail(f"{prefix}.gamma_weak_max", fam.gamma_weak_max, f"must lie in (max γ_s = {gs_max:g}, 1)")
-    elif rule in ("sg", "ag_sg") and fam.gamma_weak is not None:
+    elif rule == "sg" and fam.gamma_weak is not None:  # AG+SG guides with another model: any (γ_s, γ_w)
         gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
         if fam.gamma_weak.low <= gs_max:
             raise fail(
@@ -228,6 +234,8 @@ def validate_study(cfg: DictConfig) -> None:
         raise fail("objectives", objectives, f"two distinct minimised metrics of {list(OBJECTIVES)}")
     if cfg.optuna.sampler not in OPTUNA_SAMPLERS:
         raise fail("optuna.sampler", cfg.optuna.sampler, f"must be one of {list(OPTUNA_SAMPLERS)}")
+    if cfg.optuna.sampler == "grid":
+        _check_grid(cfg)
     for key, least in (("n_trials", 1), ("samples_per_trial", 1), ("batch_size", 1), ("optuna.population_size", 2)):
         if OmegaConf.select(cfg, key) < least:
             raise fail(key, OmegaConf.select(cfg, key), f"must be >= {least}")
@@ -246,12 +254,37 @@ def validate_study(cfg: DictConfig) -> None:
         raise fail("weak_checkpoint", None, "a baseline uses AutoGuidance, which needs a weak checkpoint")
 
 
+def _check_grid(cfg: DictConfig) -> None:
+    """The grid sampler: one family, every searched range stepped, and no more trials than grid points
+    plus baselines (beyond that Optuna's GridSampler would evaluate points again)."""
+    from sgexp.sweeps.space import FamilySpace
+
+    if len(cfg.family) != 1:
+        raise fail("optuna.sampler", "grid", f"searches one family, not {list(cfg.family)}")
+    name = cfg.family[0]
+    unstepped = [k for k in RANGE_KEYS if cfg.space[name][k] is not None and cfg.space[name][k].step is None]
+    if unstepped:
+        raise fail(f"space.{name}.{unstepped[0]}.step", None, "the grid sampler needs a step on every searched range")
+    points = math.prod(len(v) for v in FamilySpace.from_config(name, cfg.space[name]).grid().values())
+    if cfg.n_trials > points + len(cfg.baselines):
+        raise fail("n_trials", cfg.n_trials, f"exceeds the grid's {points} points + {len(cfg.baselines)} baselines")
+
+
 # --------------------------------------------------------------------------- resuming
+
+
+def _unset_steps_dropped(space: Any) -> Any:
+    """``space`` without ``step: null`` in its ranges: studies stored before ranges had a step stay resumable."""
+    if isinstance(space, dict):
+        return {k: _unset_steps_dropped(v) for k, v in space.items() if not (k == "step" and v is None)}
+    return space
 
 
 def frozen_config(cfg: DictConfig | dict) -> dict:
     plain = OmegaConf.to_container(cfg, resolve=True) if isinstance(cfg, DictConfig) else cfg
-    return {k: plain.get(k) for k in FROZEN_KEYS}
+    frozen = {k: plain.get(k) for k in FROZEN_KEYS}
+    frozen["space"] = _unset_steps_dropped(frozen["space"])
+    return frozen
 
 
 def check_resume(study: optuna.Study, cfg: DictConfig, checkpoint: Path) -> None:

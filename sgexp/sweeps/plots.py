@@ -1,5 +1,7 @@
 """Figures of a guidance study: the Pareto plot (PNG and interactive HTML), the hypervolume history,
-and FID heatmaps over (γ_strong, γ_weak) per band of w (the SG paper's Figure 6).
+FID heatmaps of SG trials over (γ_strong, γ_weak) per band of w (``plot_heatmaps``: binned, any sampler),
+and a grid study's exact maps, one panel per w (``plot_grid_heatmaps``: e.g. AG+SG over the full [0, 0.8]²,
+the SG paper's Figure 6, ``sweeps/fig6_ag_sg.yaml``).
 
 Plots use matplotlib's ``Figure`` with the Agg canvas directly, never pyplot: nothing process-wide (the
 pyplot backend, its figure registry) is touched, so the driver can call this after every batch.
@@ -19,6 +21,7 @@ import optuna
 FAMILY_STYLE: dict[str, tuple[str, str, str, str]] = {
     "none": ("unguided", "X", "#000000", "x"),
     "cfg": ("CFG", "o", "#1f77b4", "circle"),
+    "icg": ("ICG", "h", "#17becf", "hexagon"),
     "sg": ("SG", "^", "#ff7f0e", "triangle-up"),
     "cfg_sg": ("CFG+SG", "s", "#2ca02c", "square"),
     "ag": ("AutoGuidance", "D", "#9467bd", "diamond"),
@@ -216,5 +219,48 @@ def plot_heatmaps(study: optuna.Study, sg: list[dict], path: Path) -> Path:
     fig.colorbar(mesh, ax=list(axes), label="mean FID per bin (lower is better)", shrink=0.9)
     fig.suptitle(f"{study.study_name}: {metric} ({screening}) of SG trials over (γ_strong, γ_weak) by band of w; "
                  "hatched: γ_strong ≥ γ_weak", fontsize=10)  # fmt: skip
+    fig.savefig(path, dpi=120, bbox_inches="tight")
+    return path
+
+
+def plot_grid_heatmaps(study: optuna.Study, rows: list[dict], family: str, path: Path) -> Path:
+    """Screening FID of a grid study's ``family`` trials at their exact (γ_strong, γ_weak), one panel per w;
+    every cell is a guidance setting (AG+SG's weak model may sit at γ_w <= γ_s), a missing one is blank."""
+    metric, screening, _ = titles(study)
+    xs = sorted({r["gamma_strong"] for r in rows})
+    ys = sorted({r["gamma_weak"] for r in rows})
+    scales = sorted({r["scale"] for r in rows})
+    maps = {}
+    for w in scales:
+        total, count = np.zeros((len(ys), len(xs))), np.zeros((len(ys), len(xs)), dtype=int)
+        for r in (r for r in rows if r["scale"] == w):  # a retried point counts once per COMPLETE trial
+            total[ys.index(r["gamma_weak"]), xs.index(r["gamma_strong"])] += r["fid"]
+            count[ys.index(r["gamma_weak"]), xs.index(r["gamma_strong"])] += 1
+        with np.errstate(invalid="ignore", divide="ignore"):
+            maps[w] = np.where(count > 0, total / count, np.nan)
+    vmin, vmax = min(np.nanmin(m) for m in maps.values()), max(np.nanmax(m) for m in maps.values())
+    vmax = vmax if vmax > vmin else vmin + 1.0
+    fig = _figure((0.55 * len(xs) * len(scales) + 1.6 * len(scales) + 1.2, 0.55 * len(ys) + 2.2))
+    axes = np.atleast_1d(fig.subplots(1, len(scales), squeeze=False)[0])
+    for ax, w in zip(axes, scales, strict=True):
+        fid = maps[w]
+        mesh = ax.pcolormesh(np.arange(len(xs) + 1) - 0.5, np.arange(len(ys) + 1) - 0.5, np.ma.masked_invalid(fid),
+                             cmap="viridis_r", vmin=vmin, vmax=vmax)  # fmt: skip
+        for iy, ix in zip(*np.nonzero(np.isfinite(fid)), strict=True):
+            dark = (fid[iy, ix] - vmin) / (vmax - vmin) > 0.5
+            ax.text(ix, iy, f"{fid[iy, ix]:.1f}", ha="center", va="center", fontsize=7,
+                    color="white" if dark else "black")  # fmt: skip
+        iy, ix = np.unravel_index(np.nanargmin(fid), fid.shape)
+        ax.scatter([ix], [iy], marker="*", s=220, facecolors="none", edgecolors="red", lw=1.5,
+                   label=f"best: {fid[iy, ix]:.1f} at γ=({xs[ix]:g}, {ys[iy]:g})")  # fmt: skip
+        if xs == ys:  # γ_s = γ_w; below it the weak model runs denser than the strong one
+            ax.plot([-0.5, len(xs) - 0.5], [-0.5, len(ys) - 0.5], color="grey", lw=0.8, ls="--")
+        ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
+        ax.set_yticks(range(len(ys)), [f"{y:g}" for y in ys])
+        ax.set(xlabel="γ_strong", ylabel="γ_weak", aspect="equal", title=f"w = {w:g}")
+        ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
+    fig.colorbar(mesh, ax=list(axes), label=f"{metric} (lower is better)", shrink=0.9)
+    fig.suptitle(f"{study.study_name}: {metric} ({screening}) of {style(family)[0]} over (γ_strong, γ_weak)",
+                 fontsize=10)  # fmt: skip
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

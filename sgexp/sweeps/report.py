@@ -6,8 +6,9 @@ A study has two minimised objectives, ``trial.values = [screening FID, GFLOPs pe
 
 - ``pareto_trials`` / ``pareto_table``: the non-dominated settings, cheapest first.
 - ``hypervolume_history``: the exact 2-D hypervolume of the front after every finished trial.
-- ``write_report``: plots (PNG + interactive HTML), CSVs, (γ_strong, γ_weak) heatmaps like Figure 6 of the
-  SG paper, and ``summary.json``, which answers the study's question: does some SG setting reach a lower
+- ``write_report``: plots (PNG + interactive HTML), CSVs, (γ_strong, γ_weak) heatmaps of SG trials and, for a
+  grid study, exact per-w maps of its family (``heatmaps_<family>.png``: AG+SG as in Figure 6 of the SG paper),
+  and ``summary.json``, which answers the study's question: does some SG setting reach a lower
   FID than the best CFG setting at fewer GFLOPs?
 
 The figures themselves are drawn by ``sgexp.sweeps.plots``.
@@ -28,7 +29,15 @@ import numpy as np
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 
-from sgexp.sweeps.plots import plot_heatmaps, plot_hypervolume, plot_pareto_html, plot_pareto_png, style, titles
+from sgexp.sweeps.plots import (
+    plot_grid_heatmaps,
+    plot_heatmaps,
+    plot_hypervolume,
+    plot_pareto_html,
+    plot_pareto_png,
+    style,
+    titles,
+)
 
 log = logging.getLogger("sgexp.sweeps.report")
 
@@ -230,10 +239,10 @@ def write_report(
 
     Files: ``pareto.png``, ``pareto.html``, ``pareto.csv``, ``trials.csv``, ``hypervolume.csv``,
     ``hypervolume.png``, ``heatmaps.png`` (only with at least ``MIN_HEATMAP_TRIALS`` SG trials that have
-    ``scale``/``gamma_strong``/``gamma_weak``; a stale one is removed and ``summary.json`` notes why) and
-    ``summary.json``. With both ``tracking_uri`` and ``parent_run_id`` every file is also logged as an
-    artifact of that MLflow run under ``report/`` (a later call overwrites them). Safe to call on a
-    study without any COMPLETE trial.
+    ``scale``/``gamma_strong``/``gamma_weak``; a stale one is removed and ``summary.json`` notes why),
+    ``heatmaps_<family>.png`` for a grid study (``optuna.sampler: grid``) and ``summary.json``. With both
+    ``tracking_uri`` and ``parent_run_id`` every file is also logged as an artifact of that MLflow run under
+    ``report/`` (a later call overwrites them). Safe to call on a study without any COMPLETE trial.
     """
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
@@ -246,7 +255,8 @@ def write_report(
     best_cfg = versus["sg"]["best_cfg"]
     notes: list[str] = []
     config = study.user_attrs.get("config")
-    objectives = list((config if isinstance(config, dict) else {}).get("objectives") or DEFAULT_OBJECTIVES)
+    config = config if isinstance(config, dict) else None
+    objectives = list((config or {}).get("objectives") or DEFAULT_OBJECTIVES)
     if objectives != list(DEFAULT_OBJECTIVES):  # the driver allows others; this report reads values as FID, GFLOPs
         notes.append(f"objectives are {objectives}: what this report calls FID and GFLOPs are values[0] and values[1]")
 
@@ -267,6 +277,14 @@ def write_report(
     else:
         (out_dir / "heatmaps.png").unlink(missing_ok=True)
         notes.append(f"heatmaps.png skipped: {len(sg)} COMPLETE SG trial(s) with w and γ's, need {MIN_HEATMAP_TRIALS}")
+    if ((config or {}).get("optuna") or {}).get("sampler") == "grid":
+        for family in config.get("family") or []:
+            on_grid = [r for r in rows if r["family"] == family and all(r[k] is not None for k in keys)]
+            name = f"heatmaps_{family}.png"
+            if on_grid:
+                files[name] = plot_grid_heatmaps(study, on_grid, family, out_dir / name)
+            else:
+                notes.append(f"{name} skipped: no COMPLETE {style(family)[0]} trial yet")
 
     metric, screening, final = titles(study)
     summary = {

@@ -79,13 +79,24 @@ class FamilySpace:
 
     @classmethod
     def from_config(cls, name: str, cfg: DictConfig) -> FamilySpace:
-        ranges = {
-            key: FloatDistribution(float(cfg[key].low), float(cfg[key].high), log=bool(cfg[key].log))
-            for key in ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
-            if cfg[key] is not None
-        }
+        def dist(r) -> FloatDistribution:
+            step = float(r.step) if r.get("step") is not None else None
+            return FloatDistribution(float(r.low), float(r.high), log=bool(r.log), step=step)
+
+        keys = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
+        ranges = {key: dist(cfg[key]) for key in keys if cfg[key] is not None}
         fixed = OmegaConf.to_container(cfg.fixed) if isinstance(cfg.fixed, DictConfig) else dict(cfg.fixed)
         return cls(name, cfg.rule or name, ranges, float(cfg.gamma_weak_max), fixed)
+
+    def grid(self) -> dict[str, list[float]]:
+        """The values of each stepped range (low, low + step, ..., high), by range key."""
+        out = {}
+        for key, d in self.ranges.items():
+            if d.step is None:
+                raise ValueError(f"space.{self.name}.{key} has no step: it is not a grid")
+            count = int(math.floor((d.high - d.low) / d.step + 1e-9)) + 1
+            out[key] = [round(d.low + i * d.step, 12) for i in range(count)]
+        return out
 
     def setting(self, values: Mapping[str, float]) -> dict[str, Any]:
         """Range values -> a guidance setting; γ_w from the fraction u lies strictly above γ_s for u > 0."""
@@ -152,7 +163,7 @@ class SearchSpace:
         family = trial.suggest_categorical("family", list(self.families)) if self.multi else next(iter(self.families))
         fam = self.families[family]
         values = {
-            key: trial.suggest_float(self.param_name(family, key), d.low, d.high, log=d.log)
+            key: trial.suggest_float(self.param_name(family, key), d.low, d.high, log=d.log, step=d.step)
             for key, d in fam.ranges.items()
         }
         return family, fam.setting(values)
@@ -240,6 +251,15 @@ def process_seed(study_seed: int, worker: int = 0) -> int:
     return int.from_bytes(hashlib.sha256(repr(identity).encode()).digest()[:4], "big")
 
 
+class GridSampler(optuna.samplers.GridSampler):
+    """Optuna's GridSampler for ask/tell: its ``after_trial`` calls ``study.stop()`` once the grid is done,
+    which raises outside ``study.optimize``; the study's budget (at most the grid, ``config._check_grid``)
+    ends it instead."""
+
+    def after_trial(self, study, trial, state, values) -> None:
+        pass
+
+
 def make_sampler(cfg: DictConfig, seed: int | None = None) -> BaseSampler:
     """The study's Optuna sampler seeded with ``seed`` (default ``optuna.seed``; workers pass ``process_seed``)."""
     o = cfg.optuna
@@ -247,7 +267,9 @@ def make_sampler(cfg: DictConfig, seed: int | None = None) -> BaseSampler:
     multi = len(cfg.family) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if o.sampler == "gp":
+        if o.sampler == "grid":  # one family (config._check_grid): parameters are named by their range keys
+            inner = GridSampler(FamilySpace.from_config(cfg.family[0], cfg.space[cfg.family[0]]).grid(), seed=seed)
+        elif o.sampler == "gp":
             inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=o.n_startup_trials)
         elif o.sampler == "nsga2":
             inner = optuna.samplers.NSGAIISampler(seed=seed, population_size=o.population_size)
