@@ -4,6 +4,7 @@ one writer per run directory, stop on signals, clear errors (sgexp.runs, sgexp.l
 from __future__ import annotations
 
 import json
+import multiprocessing
 import os
 import random
 import re
@@ -14,6 +15,7 @@ import sys
 import time
 from pathlib import Path
 
+import checkpoint_saver
 import pytest
 import torch
 from conftest import ROOT, compose_train, digits_run
@@ -24,40 +26,27 @@ from sgexp.train import run
 
 # --------------------------------------------------------------------------- atomic saves under SIGKILL
 
-SAVER = """
-import sys, torch
-from pathlib import Path
-from sgexp import runs
-run_dir = Path(sys.argv[1])
-newest = runs.newest_checkpoint(run_dir)           # resume: continue after the newest good state
-step = newest.global_step + 1 if newest else 0
-weights = torch.randn(3_000_000)                   # 12 MB: a save takes a while, so kills land inside it
-print("start", step, flush=True)
-while True:
-    state = {"global_step": step, "state_dict": {"w": weights + step}}
-    runs.atomic_save(state, run_dir / "checkpoints" / "last.ckpt")
-    if step % 3 == 0:
-        runs.atomic_save(state, run_dir / "checkpoints" / f"step-{step:07d}.ckpt")
-    step += 1
-"""
-
 
 def test_sigkill_at_random_moments_of_saves_always_leaves_a_loadable_newest_checkpoint(tmp_path):
+    # forkserver: each saver is a fresh process forked from a server that imported torch once (fast), not
+    # from this process (whose thread pools a fork would copy in an unknown state)
+    context = multiprocessing.get_context("forkserver")
+    context.set_forkserver_preload(["torch", "sgexp.runs", "checkpoint_saver"])
     rng = random.Random(0)
     steps, partial_files = [], 0
     for _ in range(20):
-        child = subprocess.Popen([sys.executable, "-c", SAVER, str(tmp_path)], stdout=subprocess.PIPE, text=True)
-        started = int(child.stdout.readline().split()[1])
-        assert started == (steps[-1] + 1 if steps else 0)  # each restart resumed from the newest state
-        time.sleep(rng.uniform(0.2, 1.0))
-        child.kill()  # SIGKILL: no handler, no cleanup
-        child.wait()
+        started = context.Queue()
+        child = context.Process(target=checkpoint_saver.save_forever, args=(tmp_path, started), daemon=True)
+        child.start()
+        assert started.get(timeout=60) == (steps[-1] + 1 if steps else 0)  # resumed after the newest state
+        time.sleep(rng.uniform(0.05, 0.5))
+        os.kill(child.pid, signal.SIGKILL)  # no handler, no cleanup
+        child.join()
         partial_files += len(list((tmp_path / "checkpoints").glob(".*.tmp-*")))  # killed mid-save
         newest = runs.newest_checkpoint(tmp_path)
         assert newest is not None
         state = torch.load(newest.path, map_location="cpu", weights_only=False)  # complete, really loadable
-        assert torch.equal(state["state_dict"]["w"][:5], state["state_dict"]["w"][:5])
-        assert state["global_step"] == newest.global_step
+        assert state["global_step"] == newest.global_step and state["state_dict"]["w"][-1] == 2_999_999
         assert not steps or newest.global_step >= steps[-1]  # never went back
         steps.append(newest.global_step)
         runs.remove_partial_saves(tmp_path)
