@@ -269,3 +269,19 @@ def test_evaluate_names_an_unusable_checkpoint_file(tmp_path):
         ValueError, match=r"checkpoint=.*notes.ckpt' is invalid: .*notes.ckpt: not a complete checkpoint"
     ):
         find_checkpoint(str(notes), tmp_path, None)
+
+
+def test_the_stop_signal_is_looked_at_before_evaluation_and_checkpoints_of_a_step(tmp_path, shards):
+    """Lightning runs batch-end hooks in callback order: a signal is honoured before the (long) guided
+    evaluation and the periodic checkpoints of the same step, so SLURM's grace time is not used up."""
+    from sgexp.lit.eval_callback import GuidedSamplingEval
+    from sgexp.train import build_trainer, checkpoint_callbacks
+
+    cfg = compose_train(base(tmp_path, shards))
+    evaluation = GuidedSamplingEval(tmp_path / "samples", {"none": {"rule": "none"}})
+    checkpoints = checkpoint_callbacks(cfg.callbacks.checkpoint, tmp_path / "run" / "checkpoints")
+    trainer = build_trainer(cfg, tmp_path / "run", None, [*checkpoints, evaluation])
+    order = [type(c).__name__ for c in trainer.callbacks]
+    first = order.index("StopOnSignal")
+    assert first < order.index("GuidedSamplingEval") and order.count("ModelCheckpoint") == 2
+    assert all(first < i for i, name in enumerate(order) if name in ("ModelCheckpoint", "FinalCheckpoint"))

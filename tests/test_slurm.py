@@ -139,6 +139,7 @@ def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted):
     text = wait_done(job_id, run_dir)
 
     assert "SIGUSR1: saving" in text and f"requeued SLURM job {job_id}" in text, text[-4000:]
+    assert "stopped by SIGUSR1 at step" in text  # it stops once requeued, instead of training on until killed
     assert f"job {job_id} on" in text and "restart 1" in text  # the same job ran again
     assert (run_dir / "hpc_ckpt_1.ckpt").is_file()
     interrupted_at, _ = weights(run_dir / "hpc_ckpt_1.ckpt")
