@@ -401,8 +401,8 @@ def commands(record: dict, work: str) -> list[str]:
         "",
         "```bash",
     ]
-    for name, command in record["commands"].items():
-        lines += [f"# {name}", command]
+    for name, command in record["commands"].items():  # paths relative to the repository, as a reader runs them
+        lines += [f"# {name}", command.replace(f"{ROOT}/", "").replace(f"={ROOT} ", "=. ")]
     return lines + ["```", "", "</details>", ""]
 
 
