@@ -214,7 +214,7 @@ def test_one_writer_per_run_directory_and_stale_locks_are_taken_over(tmp_path, s
     assert resumed.global_step == reached + 2 and not (run_dir / ".lock").exists()  # released at the end
 
 
-@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+@pytest.mark.parametrize("signum", [pytest.param(signal.SIGINT, marks=pytest.mark.slow), signal.SIGTERM])  # same path
 def test_ctrl_c_and_sigterm_save_at_the_next_step_and_the_same_command_continues(tmp_path, shards, straight, signum):
     run_dir = tmp_path / "run"
     process = _train_process(tmp_path, shards, run_dir, "callbacks.checkpoint.last_every_n_steps=1000")
@@ -239,6 +239,7 @@ def _read(tmp_path: Path) -> str:
     return "".join(p.read_text() for p in sorted(tmp_path.glob("train-*.log")))
 
 
+@pytest.mark.slow  # ~30 s: a training process of its own
 def test_a_failed_requeue_keeps_its_checkpoint_says_so_and_trains_on(tmp_path, shards, straight):
     """SIGUSR1 inside a SLURM job whose ``scontrol requeue`` cannot run: the hpc checkpoint stays, the log
     says what failed, training goes on to the end unchanged."""

@@ -173,6 +173,7 @@ def test_a_study_whose_journal_was_cut_resumes_and_reports(trained, tmp_path):
 # --------------------------------------------------------------------------- concurrent commands
 
 
+@pytest.mark.slow  # ~30 s: two sweep processes side by side
 def test_two_commands_on_one_study_propose_distinct_points(trained, tmp_path):
     """Two shells running the same command on one journal at once: before process seeds, both were
     "worker 0" with seed 0 and proposed the same random startup points."""
