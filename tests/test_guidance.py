@@ -242,3 +242,11 @@ def test_missing_weak_model_fails_before_sampling(models, xy):
     x, y = xy
     with pytest.raises(ValueError, match=r"models=\['main'\] is invalid: guidance 'ag' needs models"):
         Sampler("euler", 2).sample(autoguidance(2.0), {"main": models["main"]}, x, y)
+
+
+def test_a_settings_crossing_warning_names_the_setting():
+    from sgexp.lit.eval_callback import make_settings
+
+    spec = {"rule": "sg", "scale": 3.0, "gamma_strong": "cosine:0:0.6", "gamma_weak": "cosine:0.6:0"}
+    with pytest.warns(CrossingScheduleWarning, match=r"guidance setting 'sg_cosine': .* cross at t≈0.50"):
+        make_settings({"sg_cosine": spec})

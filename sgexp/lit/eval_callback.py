@@ -4,6 +4,7 @@
 from __future__ import annotations
 
 import logging
+import warnings
 from collections.abc import Mapping
 from dataclasses import fields
 from pathlib import Path
@@ -37,7 +38,11 @@ def make_settings(settings: Mapping[str, Mapping]) -> list[Setting]:
             )
         s = GuidanceSetting(**spec)
         interval = tuple(s.interval) if s.interval else None
-        rule = build_guidance(s.rule, float(s.scale), s.gamma_strong, s.gamma_weak, interval, bool(s.share_prefix))
+        with warnings.catch_warnings(record=True) as caught:  # say which setting a rule's warning is about
+            warnings.simplefilter("always")
+            rule = build_guidance(s.rule, float(s.scale), s.gamma_strong, s.gamma_weak, interval, bool(s.share_prefix))
+        for warning in caught:
+            warnings.warn(f"guidance setting {name!r}: {warning.message}", warning.category, stacklevel=2)
         out.append(Setting(name, rule))
     return out
 
