@@ -179,7 +179,7 @@ def test_two_commands_on_one_study_propose_distinct_points(trained, tmp_path):
     "worker 0" with seed 0 and proposed the same random startup points."""
     args = cli_args(trained, tmp_path, "--final-samples", "0", "--set", "optuna.n_startup_trials=50", n_trials=6)
     sweep.main(args)  # the study and its 6 baselines, so that both commands start sampling at once
-    command = [sys.executable, "-m", "sgexp.sweep", *args, "--n-trials", "16"]
+    command = [sys.executable, "-m", "sgexp.sweep", *args, "--n-trials", "30"]  # enough for both to sample
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [(tmp_path / f"command{i}.txt").open("w") for i in range(2)]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env) for f in logs]
@@ -195,7 +195,7 @@ def test_two_commands_on_one_study_propose_distinct_points(trained, tmp_path):
     assert codes == [0, 0], outputs
     trials = [t for t in load(tmp_path).trials if t.state == TrialState.COMPLETE]
     sampled = [t for t in trials if not t.user_attrs["baseline"]]
-    assert len(trials) >= 16 and len(sampled) >= 10
+    assert len(trials) >= 30 and len(sampled) >= 24
     assert len({key(t) for t in trials}) == len(trials), "a point was proposed twice"
     by_worker = {}
     for t in sampled:
@@ -203,3 +203,20 @@ def test_two_commands_on_one_study_propose_distinct_points(trained, tmp_path):
     assert len(by_worker) == 2, f"one command ran every sampled trial: {by_worker}"
     assert all(len(seeds) == 1 for seeds in by_worker.values())  # one seed per process...
     assert len(set().union(*by_worker.values())) == 2  # ...and distinct
+
+
+@pytest.mark.slow  # ~30 s: two sweep processes side by side
+def test_two_commands_starting_a_new_study_together_set_it_up_once(trained, tmp_path):
+    """Both commands reach study setup at the same moment: the setup lock lets one create the study, its
+    MLflow parent run and the baselines; the other resumes it (no baseline twice)."""
+    args = cli_args(trained, tmp_path, "--final-samples", "0", n_trials=6)  # the 6 baselines only
+    command = [sys.executable, "-m", "sgexp.sweep", *args]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)]
+    procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))
+    outputs = [p.communicate(timeout=600)[0].decode()[-3000:] for p in procs]
+    assert [p.returncode for p in procs] == [0, 0], outputs
+    study = load(tmp_path)
+    baselines = [t for t in study.trials if t.user_attrs.get("baseline")]
+    assert len(baselines) == 6 and len({key(t) for t in baselines}) == 6, "baselines were enqueued twice"
+    assert all(t.state == TrialState.COMPLETE for t in study.trials)

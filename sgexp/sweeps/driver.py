@@ -58,6 +58,7 @@ from sgexp.sweeps.storage import (
     open_storage,
     reap_stale,
     release,
+    setup_lock,
 )  # fmt: skip
 
 log = logging.getLogger("sgexp.sweeps.driver")
@@ -199,25 +200,26 @@ def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | N
         tracking_uri = None
     evaluator = load_evaluator(cfg, tracking_uri)
     space = SearchSpace(cfg)
-    study = optuna.create_study(
-        storage=storage, study_name=cfg.name, directions=["minimize", "minimize"],
-        sampler=make_sampler(cfg, process_seed(cfg.optuna.seed)),
-        load_if_exists=True,
-    )  # fmt: skip
-    check_resume(study, cfg, evaluator.checkpoint)
-    attrs = {
-        "config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(evaluator.checkpoint),
-        "metric": evaluator.metric, "samples_per_trial": cfg.samples_per_trial, "final_samples": cfg.final_samples,
-        "storage": storage_url, "tracking_uri": tracking_uri,
-    }  # fmt: skip
-    for key, value in attrs.items():
-        study.set_user_attr(key, value)
-    tracker = None
-    if tracking_uri:
-        space_desc = {k: repr(d) for k, d in space.distributions().items()}
-        extra = {"checkpoint": str(evaluator.checkpoint), "storage": storage_url, "search_space": space_desc}
-        tracker = Tracker.open_parent(study, cfg, tracking_uri, extra)
-    enqueue_baselines(study, cfg, space)
+    with setup_lock(storage_url):  # commands started together: one sets the study up, the others resume it
+        study = optuna.create_study(
+            storage=storage, study_name=cfg.name, directions=["minimize", "minimize"],
+            sampler=make_sampler(cfg, process_seed(cfg.optuna.seed)),
+            load_if_exists=True,
+        )  # fmt: skip
+        check_resume(study, cfg, evaluator.checkpoint)
+        attrs = {
+            "config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(evaluator.checkpoint),
+            "metric": evaluator.metric, "samples_per_trial": cfg.samples_per_trial, "final_samples": cfg.final_samples,
+            "storage": storage_url, "tracking_uri": tracking_uri,
+        }  # fmt: skip
+        for key, value in attrs.items():
+            study.set_user_attr(key, value)
+        tracker = None
+        if tracking_uri:
+            space_desc = {k: repr(d) for k, d in space.distributions().items()}
+            extra = {"checkpoint": str(evaluator.checkpoint), "storage": storage_url, "search_space": space_desc}
+            tracker = Tracker.open_parent(study, cfg, tracking_uri, extra)
+        enqueue_baselines(study, cfg, space)
     out_dir = Path(cfg.paths.runs_dir).resolve() / "sweeps" / cfg.name
     return Session(cfg, study, storage_url, tracking_uri, tracker, evaluator, out_dir)
 

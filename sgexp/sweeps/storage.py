@@ -29,6 +29,8 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 import optuna
@@ -76,6 +78,25 @@ def open_storage(url: str) -> BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=RepairingLock(str(path))))
     except OSError as err:
         raise fail("storage", url, f"cannot open the journal file ({type(err).__name__}: {err})") from None
+
+
+@contextmanager
+def setup_lock(url: str) -> Iterator[None]:
+    """Held while a command creates or resumes the study (attributes, MLflow parent run, baselines), so two
+    commands started at the same instant on a new study do not both enqueue the baselines or open two parent
+    runs. A journal gets ``<journal>.setup.lock`` (Optuna's O_EXCL file lock; a holder dead for its grace
+    period is broken); an RDB URL has no such lock: start the first command alone there."""
+    if "://" in url:
+        yield
+        return
+    from optuna.storages.journal import JournalFileOpenLock
+
+    lock = JournalFileOpenLock(f"{Path(url).expanduser().resolve()}.setup")
+    lock.acquire()
+    try:
+        yield
+    finally:
+        lock.release()
 
 
 # --------------------------------------------------------------------------- heartbeat and budget
