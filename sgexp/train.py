@@ -34,8 +34,8 @@ from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.lit.callbacks import TrainingMonitor
 from sgexp.lit.checkpointing import (
     AtomicCheckpointIO,
-    FinalCheckpoint,
     RunConfig,
+    checkpoint_callbacks,
     finetune_network,
     load_initial_weights,
 )
@@ -147,28 +147,6 @@ def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Call
         enable_model_summary=False,
         plugins=plugins,
     )
-
-
-def checkpoint_callbacks(c: DictConfig, ckpt_dir: Path) -> list[L.Callback]:
-    """step-<N>.ckpt kept every ``every_n_steps``; last.ckpt every ``last_every_n_steps`` and at the end."""
-    return [
-        L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="step-{step:07d}",
-            auto_insert_metric_name=False,
-            every_n_train_steps=c.every_n_steps,
-            save_top_k=-1,
-            save_last=False,
-        ),
-        L.pytorch.callbacks.ModelCheckpoint(
-            dirpath=ckpt_dir,
-            filename="last",
-            every_n_train_steps=c.last_every_n_steps,
-            save_top_k=1,
-            enable_version_counter=False,
-        ),
-        FinalCheckpoint(ckpt_dir),
-    ]
 
 
 def run(cfg: DictConfig) -> TrainResult:

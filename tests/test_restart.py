@@ -275,8 +275,9 @@ def test_evaluate_names_an_unusable_checkpoint_file(tmp_path):
 def test_the_stop_signal_is_looked_at_before_evaluation_and_checkpoints_of_a_step(tmp_path, shards):
     """Lightning runs batch-end hooks in callback order: a signal is honoured before the (long) guided
     evaluation and the periodic checkpoints of the same step, so SLURM's grace time is not used up."""
+    from sgexp.lit.checkpointing import checkpoint_callbacks
     from sgexp.lit.eval_callback import GuidedSamplingEval
-    from sgexp.train import build_trainer, checkpoint_callbacks
+    from sgexp.train import build_trainer
 
     cfg = compose_train(base(tmp_path, shards))
     evaluation = GuidedSamplingEval(tmp_path / "samples", {"none": {"rule": "none"}})

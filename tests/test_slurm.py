@@ -101,6 +101,14 @@ def wait_done(job_id: str, run_dir: Path) -> str:
     return job_log(run_dir, job_id)
 
 
+def wait_training(job_id: str, run_dir: Path) -> None:
+    """Until the job's log shows a training step."""
+    deadline = time.monotonic() + JOB_TIMEOUT
+    while not re.search(rf"step (\d+)/{STEPS}", job_log(run_dir, job_id)):
+        assert time.monotonic() < deadline, job_log(run_dir, job_id)[-4000:]
+        time.sleep(0.2)
+
+
 def weights(ckpt: Path) -> tuple[int, dict]:
     state = torch.load(ckpt, map_location="cpu", weights_only=False)
     return state["global_step"], state["state_dict"]
@@ -130,10 +138,7 @@ def test_ddp_training_job(uninterrupted):
 def test_usr1_checkpoints_requeues_and_resumes(cluster, uninterrupted):
     tmp, shards = cluster
     job_id, run_dir = train_on_slurm(tmp / "b", shards)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not re.search(rf"step (\d+)/{STEPS}", job_log(run_dir, job_id)):  # training has started
-        assert time.monotonic() < deadline, job_log(run_dir, job_id)[-4000:]
-        time.sleep(0.2)
+    wait_training(job_id, run_dir)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     subprocess.run(["scancel", "--signal=USR1", job_id], check=True)
     text = wait_done(job_id, run_dir)
@@ -166,10 +171,7 @@ def test_plain_scontrol_requeue_resumes_from_the_newest_checkpoint(cluster, unin
     from the newest checkpoint; it ends bit-identical to the uninterrupted job, in one MLflow run."""
     tmp, shards = cluster
     job_id, run_dir = train_on_slurm(tmp / "c", shards)
-    deadline = time.monotonic() + JOB_TIMEOUT
-    while not re.search(rf"step (\d+)/{STEPS}", job_log(run_dir, job_id)):  # training has started
-        assert time.monotonic() < deadline, job_log(run_dir, job_id)[-4000:]
-        time.sleep(0.2)
+    wait_training(job_id, run_dir)
     run_id = (run_dir / "mlflow_run_id").read_text().strip()
     subprocess.run(["scontrol", "requeue", job_id], check=True)
     text = wait_done(job_id, run_dir)

@@ -1,4 +1,5 @@
-"""Checkpoints on disk: atomic writes, the run's config inside every checkpoint, config.yaml after loading.
+"""Checkpoints on disk: the periodic and final checkpoint callbacks, atomic writes, the run's config inside every
+checkpoint, config.yaml after loading, and the start of a fine-tuning run (``init_from``).
 
 The rule for where a run continues lives in ``sgexp.runs``; this module is the Lightning side of it.
 """
@@ -57,6 +58,28 @@ class FinalCheckpoint(L.Callback):
 
     def on_train_end(self, trainer, pl_module) -> None:
         trainer.save_checkpoint(self.path)
+
+
+def checkpoint_callbacks(c, ckpt_dir: Path) -> list[L.Callback]:
+    """step-<N>.ckpt kept every ``every_n_steps``; last.ckpt every ``last_every_n_steps`` and at the end."""
+    return [
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="step-{step:07d}",
+            auto_insert_metric_name=False,
+            every_n_train_steps=c.every_n_steps,
+            save_top_k=-1,
+            save_last=False,
+        ),
+        L.pytorch.callbacks.ModelCheckpoint(
+            dirpath=ckpt_dir,
+            filename="last",
+            every_n_train_steps=c.last_every_n_steps,
+            save_top_k=1,
+            enable_version_counter=False,
+        ),
+        FinalCheckpoint(ckpt_dir),
+    ]
 
 
 # Architecture fields that must agree to copy weights; routes, γ_train and label dropout may differ (a dense
