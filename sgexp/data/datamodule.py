@@ -16,13 +16,12 @@ from sgexp.data.stream import SHUFFLE_SHARDS, TrainStream, shard_counts
 
 
 def ignore_stop_signals(worker_id: int) -> None:
-    """Loader workers leave SIGINT/SIGTERM/SIGUSR1 to the training process (``sgexp.lit.stop``).
-
-    Ctrl-C reaches the whole foreground process group and SLURM signals every process of a job step: a
-    worker killed by it makes the training process raise mid-step, before it can save its checkpoint.
-    Workers still end with the loader, and with the training process (PyTorch's watchdog).
-    """
-    for signum in (signal.SIGINT, signal.SIGTERM, signal.SIGUSR1):
+    """Loader workers leave SIGINT and SIGUSR1 to the training process (``sgexp.lit.stop``): Ctrl-C reaches
+    the whole foreground process group and ``scancel --signal=USR1`` every process of a job step, and a
+    worker killed by them makes the training process raise mid-step, before it can save its checkpoint.
+    SIGTERM keeps its default: it is how multiprocessing ends a worker (a worker ignoring it hangs the
+    interpreter's exit); ``StopOnSignal`` instead stops PyTorch from raising when workers die of it."""
+    for signum in (signal.SIGINT, signal.SIGUSR1):
         signal.signal(signum, signal.SIG_IGN)
 
 

@@ -104,6 +104,10 @@ class StopOnSignal(L.Callback):
     def _on_signal(self, signum, frame) -> None:
         if signum == signal.SIGINT and self.received == PRIORITY[signal.SIGINT]:
             raise KeyboardInterrupt  # Ctrl-C twice: the user does not want to wait for the step to end
+        if signum == signal.SIGTERM:
+            # SLURM sends SIGTERM to every process of the step, data-loader workers included; PyTorch's SIGCHLD
+            # handler would raise mid-step when they die, before the checkpoint. The batch in hand is enough.
+            self._previous.setdefault(signal.SIGCHLD, signal.signal(signal.SIGCHLD, signal.SIG_DFL))
         self.received = max(self.received, PRIORITY[signal.Signals(signum)])  # nothing else here (see above)
 
     def on_train_batch_end(self, trainer, pl_module, outputs, batch, batch_idx) -> None:
