@@ -111,6 +111,19 @@ def check_tracking_uri(uri: str, timeout: float = 5.0) -> None:
         _probe_http(uri, timeout)
 
 
+def tracking_uri_for(logger_cfg: Any, root: Path, override: str | None = None) -> str | None:
+    """The one place every entry point turns its ``logger`` config into a checked tracking URI.
+
+    ``None`` when tracking is off (``logger.enabled: false``); otherwise ``override``, the
+    configured URI, ``$MLFLOW_TRACKING_URI`` or the repository's sqlite store, in that order,
+    checked now (``check_tracking_uri``) so a bad URI fails before any expensive work."""
+    if not logger_cfg.enabled:
+        return None
+    uri = resolve_tracking_uri(override or logger_cfg.tracking_uri, Path(root))
+    check_tracking_uri(uri)
+    return uri
+
+
 def init_store(uri: str) -> None:
     """Create a sqlite store's tables now. Every rank builds an ``MlflowClient`` (Lightning's logger does),
     and processes that open a fresh sqlite file at the same moment race on its schema migration: a SLURM
