@@ -82,7 +82,7 @@ def step_macs(
 ) -> float:
     """Multiply-accumulates of one evaluation's passes, with or without prefix sharing."""
     macs = sum(pass_macs(configs[p.model], p.sparsity, include_attention) for p in passes)
-    if share_prefix and can_share_prefix(list(passes)):
+    if share_prefix and can_share_prefix(list(passes)):  # the prefix runs once, not once per pass
         config = configs[passes[0].model]
         shared = config.shared_prefix_blocks([p.sparsity for p in passes])
         macs -= (len(passes) - 1) * prefix_macs(config, shared, include_attention)
@@ -173,7 +173,7 @@ def _parser() -> argparse.ArgumentParser:
         default=None,
         help="start:end inclusive, repeatable; default: the size's TREAD route; 'none' for no route",
     )
-    ap.add_argument("--guidance", default="none", choices=RULES)
+    ap.add_argument("--guidance", default="none", choices=list(RULES))
     ap.add_argument("--scale", type=float, default=2.0, help="guidance scale w (> 1 runs both branches)")
     ap.add_argument("--gamma-strong", default="0", help="γ of the strong branch: number or cosine:START:END")
     ap.add_argument("--gamma-weak", default="0", help="γ of the weak branch: number or cosine:START:END")

@@ -12,8 +12,19 @@ from conftest import small_config
 from torch.nn.attention import SDPBackend, sdpa_kernel
 from torch.utils.flop_counter import FlopCounterMode
 
-from sgexp.diffusion import Sampler, autoguidance, cfg, cfg_sparse_guidance, icg, sparse_guidance, unguided
-from sgexp.flops import main, pass_macs, sample_cost
+from sgexp.diffusion import (
+    Branch,
+    Constant,
+    Guidance,
+    Sampler,
+    autoguidance,
+    cfg,
+    cfg_sparse_guidance,
+    icg,
+    sparse_guidance,
+    unguided,
+)
+from sgexp.flops import main, pass_macs, prefix_macs, sample_cost
 from sgexp.models import DiT, DiTConfig, Route
 
 XL = DiTConfig.from_name("SiT-XL/2", input_size=32, in_channels=4, num_classes=1000, routes=(Route(2, 24),))
@@ -129,3 +140,24 @@ def test_cli_attention_and_errors(capsys):
     assert "model='SiT-XXL/2' is invalid" in capsys.readouterr().err
     assert main(["--route", "2:40"]) == 2
     assert "route blocks must lie in 0..27" in capsys.readouterr().err
+
+
+def test_a_rule_built_from_data_is_priced_from_the_same_description():
+    """A three-branch rule written as data (CFG on top of SG) costs its three passes; three
+    conditional sparsities of one model pay for their shared dense prefix once."""
+    cfg_then_sg = Guidance(
+        "cfg_then_sg",
+        (Branch(conditional=False), Branch(sparsity=Constant(0.9)), Branch(sparsity=Constant(0.5))),
+        weights=(-0.5, -1.5, 3.0),
+    )
+    cost = sample_cost(XL, cfg_then_sg, EULER40)
+    passes = [pass_macs(XL, g) for g in (0.0, 0.9, 0.5)]
+    assert cost.passes_per_step == 3 and cost.gflops_shared_per_step == 0  # labels differ: nothing shared
+    assert cost.gflops_per_step == pytest.approx(sum(passes) / 1e9)
+    assert cost.gflops_per_step == pytest.approx(114.42 + 97.67, rel=0.005)  # a dense pass + the paper's SG step
+    sg3 = Guidance("sg3", tuple(Branch(sparsity=Constant(g)) for g in (0.9, 0.7, 0.5)), (-1.0, -1.0, 3.0))
+    shared = sample_cost(XL, sg3, EULER40)
+    unshared = sum(pass_macs(XL, g) for g in (0.9, 0.7, 0.5))
+    first_routed = XL.shared_prefix_blocks([0.9, 0.7, 0.5])
+    assert first_routed == 2  # route 2:24: blocks 0 and 1 are dense in every pass
+    assert shared.gflops_per_step == pytest.approx((unshared - 2 * prefix_macs(XL, first_routed)) / 1e9)

@@ -10,9 +10,11 @@ import torch
 from conftest import randomize, small_config
 
 from sgexp.diffusion import (
+    Branch,
     Constant,
     Cosine,
     CrossingScheduleWarning,
+    Guidance,
     Pass,
     Sampler,
     autoguidance,
@@ -245,8 +247,40 @@ def test_missing_weak_model_fails_before_sampling(models, xy):
 
 
 def test_a_settings_crossing_warning_names_the_setting():
-    from sgexp.lit.eval_callback import make_settings
+    from sgexp.eval.settings import make_settings
 
     spec = {"rule": "sg", "scale": 3.0, "gamma_strong": "cosine:0:0.6", "gamma_weak": "cosine:0.6:0"}
     with pytest.warns(CrossingScheduleWarning, match=r"guidance setting 'sg_cosine': .* cross at t≈0.50"):
         make_settings({"sg_cosine": spec})
+
+
+def test_a_three_branch_rule_is_data_alone(models, xy):
+    """CFG on top of SG, written as one ``Guidance`` and nothing else: guide from the null label to a
+    sparse conditional prediction, and from there to a dense one,
+    D(∅;0) + w1·(D(c;0.75) − D(∅;0)) + w2·(D(c;0.25) − D(c;0.75))."""
+    w1, w2 = 1.5, 3.0
+    branches = (Branch(conditional=False), Branch(sparsity=Constant(0.75)), Branch(sparsity=Constant(0.25)))
+    rule = Guidance("cfg_then_sg", branches, weights=(1 - w1, w1 - w2, w2))
+    assert str(rule) == "cfg_then_sg: -0.5·D(∅; γ=0) + -1.5·D(c; γ=0.75) + 3·D(c; γ=0.25)"
+    assert rule.passes(0, 10, 0.6) == [Pass("main", False, 0.0), Pass("main", True, 0.75), Pass("main", True, 0.25)]
+    x, y = xy
+    out = evaluate(rule, models, x, 0.6, y, step=0, num_steps=10, generator=gens())
+    g = gens()  # the passes run in branch order: replay the generators in that order
+    d_null = D(models, x, 0.6, y, label=False, generator=g)
+    d_sparse = D(models, x, 0.6, y, gamma=0.75, generator=g)
+    d_dense = D(models, x, 0.6, y, gamma=0.25, generator=g)
+    torch.testing.assert_close(out, d_null + w1 * (d_sparse - d_null) + w2 * (d_dense - d_sparse), rtol=0, atol=1e-5)
+    with pytest.raises(ValueError, match=r"guidance.weights=\(0.5, 0.6\) is invalid: .*sum to 1"):
+        Guidance("bad", branches[1:], (0.5, 0.6))
+
+
+def test_three_conditional_branches_share_their_prefix_bit_identically(models, xy):
+    """Three sparsities of one model and label: the dense prefix runs once for all three."""
+    branches = tuple(Branch(sparsity=Constant(g)) for g in (0.9, 0.75, 0.25))
+    shared = Guidance("sg3", branches, (-1.0, -1.0, 3.0))
+    separate = Guidance("sg3", branches, (-1.0, -1.0, 3.0), share_prefix=False)
+    assert shared.shares_prefix(shared.passes(0, 10, 0.5)) and not separate.shares_prefix(separate.passes(0, 10, 0.5))
+    x, y = xy
+    a = evaluate(shared, models, x, 0.5, y, 0, 10, generator=gens())
+    b = evaluate(separate, models, x, 0.5, y, 0, 10, generator=gens())
+    assert torch.equal(a, b)

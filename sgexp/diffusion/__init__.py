@@ -4,11 +4,10 @@ from sgexp.diffusion.flow import FlowMatching, interpolate, logit_normal_timeste
 from sgexp.diffusion.guidance import (
     RULES,
     Branch,
-    Constant,
-    Cosine,
     CrossingScheduleWarning,
     Guidance,
     Pass,
+    Rule,
     autoguidance,
     build_guidance,
     cfg,
@@ -18,6 +17,7 @@ from sgexp.diffusion.guidance import (
     unguided,
 )
 from sgexp.diffusion.sampler import SOLVERS, Sampler, generate
+from sgexp.diffusion.schedules import Constant, Cosine, as_schedule
 
 __all__ = [
     "RULES",
@@ -29,7 +29,9 @@ __all__ = [
     "FlowMatching",
     "Guidance",
     "Pass",
+    "Rule",
     "Sampler",
+    "as_schedule",
     "autoguidance",
     "build_guidance",
     "cfg",

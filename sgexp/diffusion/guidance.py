@@ -1,14 +1,17 @@
-"""Guidance rules: which network passes a sampling step runs, and how they combine.
+"""Guidance rules as data: which network passes a sampling step runs, and how they combine.
 
-Every rule in the table of DESIGN.md is one pattern, a strong and a weak
-prediction extrapolated away from the weak one (CFG, Ho & Salimans 2022;
-AutoGuidance, Karras et al. 2024; ICG, Sadat et al. 2024; Sparse Guidance,
-Krause et al. 2026, Eq. 7-8):
+A rule is a list of branches and the weights of an affine combination (CFG, Ho & Salimans
+2022; AutoGuidance, Karras et al. 2024; ICG, Sadat et al. 2024; Sparse Guidance, Krause et
+al. 2026, Eq. 7-8):
+
+    D = Σ_i a_i · D_i,   Σ_i a_i = 1,   computed as   D_0 + Σ_{i≥1} a_i · (D_i − D_0)
+
+Every rule of the paper has two branches, weak then strong, with a = (1 − w, w):
 
     D = D_weak + w · (D_strong − D_weak)
 
-A branch is (model, label or null, sparsity schedule). The rules differ only in
-their two branches:
+A branch is (model, label or null, sparsity schedule); the named rules (``RULES``) differ
+only in their weak branch and in which γ they read:
 
     rule     weak branch               strong branch
     none     -                         D(c; γ)          (one pass)
@@ -19,26 +22,27 @@ their two branches:
     ag       D_weak-model(c; 0)        D(c; 0)
     ag_sg    D_weak-model(c; γ_w)      D(c; γ_s)
 
-``Guidance.passes`` lists the passes of a step without running anything, so the
-FLOPs model prices a rule from the same description the sampler executes.
+A new two-branch rule is one ``RULES`` entry; a rule with more branches (say CFG on top of
+SG) is one ``Guidance(name, branches, weights)``. ``Guidance.passes`` lists the passes of a
+step without running anything, so ``sgexp.flops`` prices a rule from the same description
+the sampler executes.
 
-Prefix sharing (beyond the paper): when both passes of a step use the same
-model and the same label (SG), they see the same x_t, t and conditioning, so
-every block before the first routed block computes the same activations in
-both. ``evaluate`` runs that prefix once and branches after it (bit-identical
-to two separate passes); ``Guidance.share_prefix`` switches it off, and the
-FLOPs model prices whichever is in force. CFG, ICG, CFG+SG and AutoGuidance
+Prefix sharing (beyond the paper): when all passes of a step use the same model and the
+same label (SG), they see the same x_t, t and conditioning, so every block before the first
+routed block computes the same activations in each. ``evaluate`` runs that prefix once and
+branches after it (bit-identical to separate passes); ``Guidance.share_prefix`` switches it
+off, and the FLOPs model prices whichever is in force. CFG, ICG, CFG+SG and AutoGuidance
 branches differ in label or model, so nothing is shared there.
 
-ICG's random label c̃ (independent condition guidance) is drawn per sample
-index from its own seed stream (``sgexp.diffusion.seeds.random_labels``), once
-per trajectory: sample i guides away from the same c̃ at every step and in every
-setting. It is uniform over the classes, so it equals c with probability 1/K.
+ICG's random label c̃ (independent condition guidance) is drawn per sample index from its
+own seed stream (``sgexp.diffusion.seeds.random_labels``), once per trajectory: sample i
+guides away from the same c̃ at every step and in every setting. It is uniform over the
+classes, so it equals c with probability 1/K.
 
-Schedules that cross (γ_s(t) > γ_w(t) for some t, γ_s < γ_w for others) are
-fine with another weak model (AG+SG, the paper's SG_FID), but on one model (SG)
-they reverse the guidance direction after the crossing: ``sparse_guidance``
-warns (``CrossingScheduleWarning``), naming the schedules and the t.
+Schedules that cross (γ_s(t) > γ_w(t) for some t, γ_s < γ_w for others) are fine with
+another weak model (AG+SG, the paper's SG_FID), but on one model (SG) they reverse the
+guidance direction after the crossing: such rules warn (``CrossingScheduleWarning``),
+naming the schedules and the t.
 """
 
 from __future__ import annotations
@@ -50,78 +54,8 @@ from dataclasses import dataclass, field, replace
 
 import torch
 
-from sgexp.checks import check_choice, check_guidance_scale, check_sparsity, check_time_interval, fail
-
-
-@dataclass(frozen=True)
-class Constant:
-    """The same γ at every sampling step."""
-
-    value: float = 0.0
-
-    def __post_init__(self) -> None:
-        check_sparsity("sparsity", self.value)
-
-    def __call__(self, step: int, num_steps: int) -> float:
-        return self.value
-
-    def __str__(self) -> str:
-        return f"{self.value:g}"
-
-
-@dataclass(frozen=True)
-class Cosine:
-    """γ moves from ``start`` (first step) to ``end`` (last step) along a half cosine."""
-
-    start: float
-    end: float
-
-    def __post_init__(self) -> None:
-        check_sparsity("sparsity.start", self.start)
-        check_sparsity("sparsity.end", self.end)
-
-    def __call__(self, step: int, num_steps: int) -> float:
-        if num_steps <= 1:
-            return self.start
-        progress = step / (num_steps - 1)
-        return self.end + (self.start - self.end) * 0.5 * (1 + math.cos(math.pi * progress))
-
-    def __str__(self) -> str:
-        return f"cosine:{self.start:g}:{self.end:g}"
-
-
-Schedule = Constant | Cosine
-
-
-def as_schedule(value: float | str | Schedule, name: str = "sparsity") -> Schedule:
-    """A number (constant γ), ``"cosine:START:END"``, or a schedule object."""
-    if isinstance(value, (Constant, Cosine)):
-        return value
-    if isinstance(value, str) and value.startswith("cosine:"):
-        try:
-            start, end = (float(v) for v in value.split(":")[1:])
-        except ValueError:
-            raise fail(name, value, "expected 'cosine:START:END', e.g. 'cosine:0.6:0'") from None
-        return Cosine(start, end)
-    try:
-        return Constant(check_sparsity(name, float(value)))
-    except (TypeError, ValueError) as err:
-        if "is invalid" in str(err):
-            raise
-        raise fail(name, value, "expected a number in [0, 1) or 'cosine:START:END'") from None
-
-
-def schedule_crossing(strong: Schedule, weak: Schedule) -> float | None:
-    """Sampling progress p ∈ (0, 1) (t ≈ 1 − p) where γ_strong − γ_weak changes sign, or None.
-
-    Both schedules are ``end + (start − end)·c(p)`` with the same c(p) = (1 + cos πp)/2
-    (a constant has start = end), so the difference is linear in c and crosses at most once.
-    """
-    first, last = (strong(i, 2) - weak(i, 2) for i in (0, 1))  # at p = 0 (c = 1) and p = 1 (c = 0)
-    if first * last >= 0:
-        return None
-    c = last / (last - first)
-    return math.acos(2 * c - 1) / math.pi
+from sgexp.checks import check_choice, check_guidance_scale, check_time_interval, fail
+from sgexp.diffusion.schedules import Constant, Schedule, as_schedule, schedule_crossing
 
 
 class CrossingScheduleWarning(UserWarning):
@@ -142,7 +76,7 @@ class Pass:
 
 @dataclass(frozen=True)
 class Branch:
-    """One side of a guidance rule: a model, a label choice and a sparsity schedule."""
+    """One prediction a rule combines: a model, a label choice and a sparsity schedule."""
 
     model: str = "main"
     conditional: bool = True
@@ -160,63 +94,86 @@ class Branch:
 
 @dataclass(frozen=True)
 class Guidance:
-    """``D_weak + w·(D_strong − D_weak)``, guided only for t in ``interval``.
+    """``Σ_i weights[i]·D(branches[i])``, guided only for t in ``interval``.
 
-    Outside the interval, and at w = 1, a step runs the strong branch alone (one
-    pass): D_weak + 1·(D_strong − D_weak) = D_strong, without paying for D_weak.
+    The last branch is the strong (base) prediction: outside the interval, and when all
+    weight is on it (w = 1), a step runs it alone, without paying for the others.
     """
 
     name: str
-    scale: float = 1.0
-    strong: Branch = field(default_factory=Branch)
-    weak: Branch | None = None
+    branches: tuple[Branch, ...]
+    weights: tuple[float, ...]
     interval: tuple[float, float] | None = None
     share_prefix: bool = True  # run the blocks before the first routed block once when the passes allow it
 
     def __post_init__(self) -> None:
-        check_guidance_scale("guidance.scale", self.scale)
+        object.__setattr__(self, "branches", tuple(self.branches))
+        object.__setattr__(self, "weights", tuple(float(w) for w in self.weights))
+        if not self.branches or len(self.weights) != len(self.branches):
+            raise fail("guidance.weights", self.weights, f"one weight per branch ({len(self.branches)} branches)")
+        if not all(math.isfinite(w) for w in self.weights) or not math.isclose(sum(self.weights), 1.0, abs_tol=1e-9):
+            raise fail("guidance.weights", self.weights, "must be finite and sum to 1 (an affine combination)")
+        if len(self.branches) == 2:  # the paper's D_weak + w·(D_strong − D_weak)
+            check_guidance_scale("guidance.scale", self.weights[1])
         if not isinstance(self.share_prefix, bool):
             raise fail("guidance.share_prefix", self.share_prefix, "must be true or false")
         object.__setattr__(self, "interval", check_time_interval("guidance.interval", self.interval))
 
     @property
+    def strong(self) -> Branch:
+        return self.branches[-1]
+
+    @property
+    def weak(self) -> Branch | None:
+        """The weak branch of a two-branch rule (``None`` for one branch)."""
+        return self.branches[0] if len(self.branches) == 2 else None
+
+    @property
+    def scale(self) -> float:
+        """w: the weight of the strong branch (1 when unguided)."""
+        return self.weights[-1]
+
+    @property
     def models(self) -> set[str]:
         """Model names the rule needs (keys of the ``models`` mapping)."""
-        return {b.model for b in (self.strong, self.weak) if b is not None}
+        return {b.model for b in self.branches}
 
     @property
     def needs_random_labels(self) -> bool:
         """Whether a branch conditions on a random class (ICG): ``evaluate`` then needs ``random_labels``."""
-        return any(b is not None and b.random_label for b in (self.strong, self.weak))
+        return any(b.random_label for b in self.branches)
 
     def guided_at(self, t: float) -> bool:
-        if self.weak is None or self.scale == 1.0:
+        if self.weights[-1] == 1.0 and not any(self.weights[:-1]):
             return False
         return self.interval is None or self.interval[0] <= t <= self.interval[1]
 
     def passes(self, step: int, num_steps: int, t: float) -> list[Pass]:
-        """Passes of one evaluation at time t: ``[weak, strong]`` when guided, else ``[strong]``."""
-        strong = self.strong.at(step, num_steps)
+        """Passes of one evaluation at time t: every branch in order when guided, else the strong one."""
         if not self.guided_at(t):
-            return [strong]
-        return [self.weak.at(step, num_steps), strong]
+            return [self.strong.at(step, num_steps)]
+        return [b.at(step, num_steps) for b in self.branches]
 
     def shares_prefix(self, passes: list[Pass]) -> bool:
         """Whether ``passes`` (one evaluation) run their common dense prefix once."""
         return self.share_prefix and can_share_prefix(passes)
 
     def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
-        """Outputs of ``passes`` in the same order -> the guided prediction."""
-        if len(outputs) == 1:
-            return outputs[0]
-        d_weak, d_strong = outputs
-        return d_weak + self.scale * (d_strong - d_weak)
+        """Outputs of ``passes`` in the same order -> D_0 + Σ_{i≥1} a_i·(D_i − D_0)."""
+        guided = outputs[0]
+        for weight, output in zip(self.weights[1:], outputs[1:], strict=False):
+            guided = guided + weight * (output - outputs[0])
+        return guided
 
     def __str__(self) -> str:
-        if self.weak is None:
-            return f"{self.name}: {self.strong}"
         interval = f", t∈[{self.interval[0]:g}, {self.interval[1]:g}]" if self.interval else ""
-        return f"{self.name}: {self.weak} + {self.scale:g}·({self.strong} − {self.weak}){interval}"
+        if len(self.branches) == 1:
+            return f"{self.name}: {self.strong}"
+        if len(self.branches) == 2:
+            weak, strong = self.branches
+            return f"{self.name}: {weak} + {self.scale:g}·({strong} − {weak}){interval}"
+        terms = " + ".join(f"{w:g}·{b}" for w, b in zip(self.weights, self.branches, strict=True))
+        return f"{self.name}: {terms}{interval}"
 
     def to_dict(self) -> dict:
         """Flat description for logs and tracking."""
@@ -224,19 +181,22 @@ class Guidance:
             "rule": self.name,
             "scale": self.scale,
             "strong": str(self.strong),
-            "weak": str(self.weak) if self.weak else None,
+            "weak": "; ".join(str(b) for b in self.branches[:-1]) or None,
+            "weights": list(self.weights),
             "interval": list(self.interval) if self.interval else None,
             "share_prefix": self.share_prefix,
         }
 
 
 def can_share_prefix(passes: list[Pass]) -> bool:
-    """Two passes of one model with the same label choice: they agree on everything
-    (x_t, t, conditioning) up to the first block that either of them routes."""
-    if len(passes) != 2:
+    """Passes of one model with the same label choice: they agree on everything
+    (x_t, t, conditioning) up to the first block that any of them routes."""
+    if len(passes) < 2:
         return False
-    a, b = passes
-    return a.model == b.model and a.conditional == b.conditional and a.random_label == b.random_label
+    first = passes[0]
+    return all(
+        (p.model, p.conditional, p.random_label) == (first.model, first.conditional, first.random_label) for p in passes
+    )
 
 
 def _pass_labels(p: Pass, model, labels: torch.Tensor, random_labels: torch.Tensor | None) -> torch.Tensor:
@@ -265,8 +225,8 @@ def evaluate(
 
     With prefix sharing the common prefix runs once (models that offer
     ``forward_prefix``/``forward_suffix``, in eval mode: in training mode label
-    dropout would draw once instead of twice). The routing masks are drawn in
-    the same order as without sharing, so the result is bit-identical.
+    dropout would draw once per pass). The routing masks are drawn in the same
+    order as without sharing, so the result is bit-identical.
     """
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
     passes = rule.passes(step, num_steps, t)
@@ -285,92 +245,74 @@ def evaluate(
     return rule.combine(outputs)
 
 
-# ----------------------------------------------------------------------------- rules
+# ----------------------------------------------------------------------------- the named rules
 
 
-def unguided(sparsity: float | str | Schedule = 0.0) -> Guidance:
-    """D(c; γ): one conditional pass (γ=0: the dense network)."""
-    return Guidance("none", strong=Branch(sparsity=as_schedule(sparsity, "sparsity")))
+@dataclass(frozen=True)
+class Rule:
+    """A named two-branch rule, D_weak + w·(D_strong − D_weak), as data.
 
-
-def cfg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
-    """Classifier-free guidance: D(∅;0) + w·(D(c;0) − D(∅;0))."""
-    return Guidance("cfg", scale, strong=Branch(), weak=Branch(conditional=False), interval=interval)
-
-
-def icg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
-    """Independent condition guidance (Sadat et al. 2024): D(c̃;0) + w·(D(c;0) − D(c̃;0)),
-    c̃ a uniformly random class per sample, fixed over its trajectory (module docstring).
-    Two dense passes per step like CFG; they differ in label, so no prefix is shared."""
-    weak = Branch(random_label=True)
-    return Guidance("icg", scale, strong=Branch(), weak=weak, interval=interval)
-
-
-def _sparse_branches(strong_sparsity, weak_sparsity) -> tuple[Schedule, Schedule]:
-    return as_schedule(strong_sparsity, "gamma_strong"), as_schedule(weak_sparsity, "gamma_weak")
-
-
-def sparse_guidance(
-    scale: float,
-    strong_sparsity: float | str | Schedule = 0.5,
-    weak_sparsity: float | str | Schedule = 0.9,
-    interval: tuple[float, float] | None = None,
-    share_prefix: bool = True,
-) -> Guidance:
-    """Sparse Guidance (Eq. 7): D(c;γ_w) + w·(D(c;γ_s) − D(c;γ_w)), both conditional.
-
-    With constant schedules the weak branch must be sparser: γ_s < γ_w. Both
-    branches see the same x_t and label, so by default the blocks before the
-    first routed block run once (``share_prefix``; bit-identical either way).
+    ``weak``: the weak branch's template (its γ comes from ``gamma_weak``); ``None``: one pass.
+    ``reads``: which of ``gamma_strong``/``gamma_weak`` set the branches' γ (a rule that reads
+    none runs dense passes and refuses a γ). ``ordered``: both branches on one model with
+    one label (SG), so the weak one must be the sparser: γ_s < γ_w, and crossing schedules
+    warn. ``names``: (dense, sparse) when the name follows the γ (AG+SG at γ = 0 is AG).
     """
-    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
-    if isinstance(strong, Constant) and isinstance(weak, Constant) and strong.value >= weak.value:
-        raise fail(
-            "gamma_strong", strong.value, f"Sparse Guidance needs gamma_strong < gamma_weak (gamma_weak={weak.value})"
-        )
-    rule = Guidance(
-        "sg", scale, Branch(sparsity=strong), Branch(sparsity=weak), interval=interval, share_prefix=share_prefix
-    )
-    crossing = schedule_crossing(strong, weak)
-    if crossing is not None:
-        warnings.warn(
-            f"{rule}: gamma_strong={strong} and gamma_weak={weak} cross at t≈{1 - crossing:.2f} "
-            f"({crossing:.0%} of the sampling steps): on one model the guidance direction reverses there. "
-            "The paper's crossing schedules (SG_FID) guide with another checkpoint: rule ag_sg",
-            CrossingScheduleWarning,
-            stacklevel=2,
-        )
-    return rule
+
+    label: str  # how plots and reports name it
+    weak: Branch | None = None
+    reads: tuple[str, ...] = ()
+    ordered: bool = False
+    names: tuple[str, str] | None = None
+
+    @property
+    def needs_weak_model(self) -> bool:
+        return self.weak is not None and self.weak.model != "main"
+
+    def build(self, name, scale, gamma_strong=0.0, gamma_weak=0.0, interval=None, share_prefix=True) -> Guidance:
+        gammas = {
+            "gamma_strong": as_schedule(gamma_strong, "gamma_strong"),
+            "gamma_weak": as_schedule(gamma_weak, "gamma_weak"),
+        }
+        if not self.reads and any(g != Constant() for g in gammas.values()):
+            raise fail("guidance", name, f"plain {name.upper()} runs dense passes; use 'cfg_sg' for sparse branches")
+        strong, weak = (gammas[k] if k in self.reads else Constant() for k in ("gamma_strong", "gamma_weak"))
+        if self.weak is None:
+            return Guidance(name, (Branch(sparsity=strong),), (1.0,), share_prefix=share_prefix)
+        if self.ordered and isinstance(strong, Constant) and isinstance(weak, Constant) and strong.value >= weak.value:
+            raise fail(
+                "gamma_strong",
+                strong.value,
+                f"Sparse Guidance needs gamma_strong < gamma_weak (gamma_weak={weak.value})",
+            )
+        if self.names:
+            name = self.names[0] if strong == weak == Constant() else self.names[1]
+        branches = (replace(self.weak, sparsity=weak), Branch(sparsity=strong))
+        rule = Guidance(name, branches, (1.0 - scale, scale), interval, share_prefix)
+        crossing = schedule_crossing(strong, weak) if self.ordered else None
+        if crossing is not None:
+            warnings.warn(
+                f"{rule}: gamma_strong={strong} and gamma_weak={weak} cross at t≈{1 - crossing:.2f} "
+                f"({crossing:.0%} of the sampling steps): on one model the guidance direction reverses there. "
+                "The paper's crossing schedules (SG_FID) guide with another checkpoint: rule ag_sg",
+                CrossingScheduleWarning,
+                stacklevel=4,
+            )
+        return rule
 
 
-def cfg_sparse_guidance(
-    scale: float,
-    strong_sparsity: float | str | Schedule = 0.0,
-    weak_sparsity: float | str | Schedule = 0.5,
-    interval: tuple[float, float] | None = None,
-) -> Guidance:
-    """CFG + SG (Eq. 8): D(∅;γ_w) + w·(D(c;γ_s) − D(∅;γ_w))."""
-    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
-    weak_branch = Branch(conditional=False, sparsity=weak)
-    return Guidance("cfg_sg", scale, strong=Branch(sparsity=strong), weak=weak_branch, interval=interval)
+SPARSE = ("gamma_strong", "gamma_weak")
+AG_NAMES = ("ag", "ag_sg")  # AutoGuidance at γ = 0, AG+SG otherwise
 
-
-def autoguidance(
-    scale: float,
-    strong_sparsity: float | str | Schedule = 0.0,
-    weak_sparsity: float | str | Schedule = 0.0,
-    interval: tuple[float, float] | None = None,
-) -> Guidance:
-    """AutoGuidance, weak branch = model ``"weak"`` (an earlier or smaller checkpoint);
-    with non-zero sparsities it is AG+SG (the paper's SG_FID setting uses cosine
-    0.6→0 on the weak branch and 0→0.6 on the strong one)."""
-    strong, weak = _sparse_branches(strong_sparsity, weak_sparsity)
-    name = "ag" if strong == Constant(0.0) and weak == Constant(0.0) else "ag_sg"
-    weak_branch = Branch(model="weak", sparsity=weak)
-    return Guidance(name, scale, strong=Branch(sparsity=strong), weak=weak_branch, interval=interval)
-
-
-RULES = ("none", "cfg", "icg", "sg", "cfg_sg", "ag", "ag_sg")
+RULES: dict[str, Rule] = {
+    "none": Rule("unguided", reads=("gamma_strong",)),
+    "cfg": Rule("CFG", Branch(conditional=False)),
+    "icg": Rule("ICG", Branch(random_label=True)),
+    "sg": Rule("SG", Branch(), reads=SPARSE, ordered=True),
+    "cfg_sg": Rule("CFG+SG", Branch(conditional=False), reads=SPARSE),
+    "ag": Rule("AG", Branch(model="weak"), reads=SPARSE, names=AG_NAMES),
+    "ag_sg": Rule("AG+SG", Branch(model="weak"), reads=SPARSE, names=AG_NAMES),
+}
 
 
 def build_guidance(
@@ -381,25 +323,48 @@ def build_guidance(
     interval: tuple[float, float] | None = None,
     share_prefix: bool = True,
 ) -> Guidance:
-    """A rule by name, for configs and command lines (``none`` uses ``gamma_strong``).
+    """A rule of ``RULES`` by name, for configs and command lines (``none`` reads ``gamma_strong``).
 
-    ``share_prefix=False`` runs every pass in full even where the passes could
-    share their dense prefix (see the module docstring)."""
-    check_choice("guidance", rule, RULES)
-    return replace(_build(rule, scale, gamma_strong, gamma_weak, interval), share_prefix=share_prefix)
+    ``share_prefix=False`` runs every pass in full even where the passes could share
+    their dense prefix (see the module docstring)."""
+    check_choice("guidance", rule, list(RULES))
+    if rule != "none":
+        check_guidance_scale("guidance.scale", scale)
+    return RULES[rule].build(rule, scale, gamma_strong, gamma_weak, interval, share_prefix)
 
 
-def _build(rule, scale, gamma_strong, gamma_weak, interval) -> Guidance:
-    if rule == "none":
-        return unguided(gamma_strong)
-    if rule in ("cfg", "icg"):
-        if as_schedule(gamma_strong) != Constant(0.0) or as_schedule(gamma_weak) != Constant(0.0):
-            raise fail("guidance", rule, f"plain {rule.upper()} runs dense passes; use 'cfg_sg' for sparse branches")
-        return (cfg if rule == "cfg" else icg)(scale, interval)
-    builder = {
-        "sg": sparse_guidance,
-        "cfg_sg": cfg_sparse_guidance,
-        "ag": autoguidance,
-        "ag_sg": autoguidance,
-    }[rule]
-    return builder(scale, gamma_strong, gamma_weak, interval)
+def unguided(sparsity: float | str | Schedule = 0.0) -> Guidance:
+    """D(c; γ): one conditional pass (γ=0: the dense network)."""
+    return build_guidance("none", gamma_strong=sparsity)
+
+
+def cfg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
+    """Classifier-free guidance: D(∅;0) + w·(D(c;0) − D(∅;0))."""
+    return build_guidance("cfg", scale, interval=interval)
+
+
+def icg(scale: float, interval: tuple[float, float] | None = None) -> Guidance:
+    """Independent condition guidance (Sadat et al. 2024): D(c̃;0) + w·(D(c;0) − D(c̃;0)),
+    c̃ a uniformly random class per sample, fixed over its trajectory (module docstring).
+    Two dense passes per step like CFG; they differ in label, so no prefix is shared."""
+    return build_guidance("icg", scale, interval=interval)
+
+
+def sparse_guidance(scale, strong_sparsity=0.5, weak_sparsity=0.9, interval=None, share_prefix=True) -> Guidance:
+    """Sparse Guidance (Eq. 7): D(c;γ_w) + w·(D(c;γ_s) − D(c;γ_w)), both conditional, γ_s < γ_w.
+
+    Both branches see the same x_t and label, so by default the blocks before the first
+    routed block run once (``share_prefix``; bit-identical either way)."""
+    return build_guidance("sg", scale, strong_sparsity, weak_sparsity, interval, share_prefix)
+
+
+def cfg_sparse_guidance(scale, strong_sparsity=0.0, weak_sparsity=0.5, interval=None) -> Guidance:
+    """CFG + SG (Eq. 8): D(∅;γ_w) + w·(D(c;γ_s) − D(∅;γ_w))."""
+    return build_guidance("cfg_sg", scale, strong_sparsity, weak_sparsity, interval)
+
+
+def autoguidance(scale, strong_sparsity=0.0, weak_sparsity=0.0, interval=None) -> Guidance:
+    """AutoGuidance, weak branch = model ``"weak"`` (an earlier or smaller checkpoint);
+    with non-zero sparsities it is AG+SG (the paper's SG_FID setting uses cosine
+    0.6→0 on the weak branch and 0→0.6 on the strong one)."""
+    return build_guidance("ag_sg", scale, strong_sparsity, weak_sparsity, interval)
