@@ -51,13 +51,13 @@ eval: $(STAMP)
 # make sweep [STUDY=cfg_scale] [ARGS="--workers 2 --n-trials 40"]
 STUDY ?= sparsity_pareto
 sweep: $(STAMP)
-	$(PY) -m sgexp.sweep --study $(STUDY) $(ARGS)
+	$(PY) -m sgexp.sweeps --study $(STUDY) $(ARGS)
 
-# make reproduce [PRESET=smoke] [ARGS=--report-only]: docs/results.md and its PNGs (sgexp/reproduce).
+# make reproduce [PRESET=smoke] [ARGS=--report-only]: docs/results.md and its PNGs (reproduce/, outside the package).
 # Resumable: re-run the same command after an interruption; finished stages are skipped.
 PRESET ?= full
 reproduce: $(STAMP)
-	$(PY) -m sgexp.reproduce --preset $(PRESET) $(ARGS)
+	$(PY) -m reproduce --preset $(PRESET) $(ARGS)
 
 # MLflow UI on the default local store: runs/mlflow.db, artifacts in runs/mlartifacts.
 # One worker and no job runner (~0.5 GB, 2 processes; the default starts ~15 processes, ~3 GB).
@@ -74,8 +74,8 @@ test-slow: $(STAMP)
 	$(PY) -m pytest -q -m slow
 
 lint: $(STAMP)
-	$(PY) -m ruff check sgexp tests benchmarks
-	$(PY) -m ruff format --check sgexp tests benchmarks
+	$(PY) -m ruff check sgexp tests benchmarks reproduce
+	$(PY) -m ruff format --check sgexp tests benchmarks reproduce
 
 # The paper's SiT-XL/2 numbers: unguided, CFG and SG(0.5, 0.9) per step.
 flops: $(STAMP)

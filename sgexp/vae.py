@@ -31,6 +31,8 @@ from pathlib import Path
 import torch
 
 from sgexp.checks import check_positive_int, fail
+from sgexp.data.latent_format import is_latent
+from sgexp.weights import internet_reachable
 
 log = logging.getLogger(__name__)
 
@@ -67,7 +69,7 @@ def _vae_directory(path: Path) -> Path:
 
 def _load_autoencoder(source: str):
     """(AutoencoderKL in eval mode on the CPU, resolved source). Fails naming ``vae`` when it cannot."""
-    from diffusers import AutoencoderKL
+    from diffusers import AutoencoderKL  # here, not at the top: the rest of sgexp runs without diffusers
 
     # low_cpu_mem_usage=False: the default path wants `accelerate`, which the stack does not need
     path = Path(source).expanduser()
@@ -86,8 +88,6 @@ def _load_autoencoder(source: str):
             return AutoencoderKL.from_pretrained(source, local_files_only=True, low_cpu_mem_usage=False), source
     except OSError:
         pass
-    from sgexp.eval.features import internet_reachable
-
     if not internet_reachable(HUB):
         raise FileNotFoundError(
             f"vae={source!r}: no such directory, and as a hub id it is not in the Hugging Face cache and"
@@ -219,7 +219,7 @@ def vae_for_dataset(
     prepare time may not exist on this machine); its weights must be the recorded ones.
     The scale and shift are meta.json's, whatever the autoencoder's config says.
     """
-    if meta.get("format") != "latent":
+    if not is_latent(meta):
         return None
     recorded = meta["vae"]
     vae = load_vae(source or recorded["source"], device, meta["latent"]["scale"], meta["latent"]["shift"], dtype)

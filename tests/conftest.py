@@ -22,6 +22,7 @@ import torch
 from hydra import compose, initialize_config_dir
 
 from sgexp.config import register_configs
+from sgexp.data import ensure_prepared
 from sgexp.models import DiT, DiTConfig, Route
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -81,8 +82,6 @@ def compose_train(overrides: list[str]):
 @pytest.fixture(scope="session")
 def shards(tmp_path_factory) -> Path:
     """Real WebDataset shards of scikit-learn's digits (8×8), prepared once per session."""
-    from sgexp.data import ensure_prepared
-
     root = tmp_path_factory.mktemp("shards")
     ensure_prepared("digits", root)
     return root
@@ -129,9 +128,9 @@ def mlflow_server(tmp: Path):
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
-    cmd = [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port), "--workers", "1",
-           "--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}",
-           "--artifacts-destination", str(tmp / "artifacts")]  # fmt: skip
+    server = ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
+    stores = ["--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--artifacts-destination", str(tmp / "artifacts")]
+    cmd = [sys.executable, "-m", "mlflow", "server", *server, *stores]
     stderr = tmp / "server.err"
     with open(tmp / "server.out", "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True)

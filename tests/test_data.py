@@ -425,7 +425,7 @@ def test_damaged_shards_are_skipped_counted_and_logged(damaged, caplog):
     assert dm.bad_samples["val"] >= 3  # counted in the workers, read in the main process
     assert len(collect(dm.train_dataloader())) == 100 and dm.bad_samples["train"] >= 1
 
-    with caplog.at_level("WARNING", logger="sgexp.data.shards"):
+    with caplog.at_level("WARNING", logger="sgexp.data.bad_samples"):
         dm = ShardDataModule(str(damaged), batch_size=16, num_workers=0)
         list(dm.val_dataloader())
     logged = caplog.text

@@ -14,11 +14,13 @@ import pytest
 import torch
 from latent_toy import save_tiny_vae, toy_image_dataset
 
+import sgexp.vae
 from sgexp.data import ShardDataModule, read_meta, read_split
 from sgexp.data.__main__ import main as data_cli
+from sgexp.data.bad_samples import BadSamples
 from sgexp.data.latent_format import decode_array
 from sgexp.data.latents import prepare_latents
-from sgexp.data.shards import BadSamples, shard_urls, split_pipeline
+from sgexp.data.shards import shard_urls, split_pipeline
 from sgexp.vae import load_vae, vae_for_dataset
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -70,16 +72,16 @@ def test_stored_moments_are_the_vae_posterior_of_each_image_and_its_mirror(toy):
     torch.testing.assert_close(moments[:, 1], std, atol=2e-3, rtol=2e-3)
     # view 1 (read from the tar itself) is the encoding of the mirror image, not the mirrored latent
     meta = read_meta(images)
-    keyed = {k: img for imgs, _, keys in split_pipeline(shard_urls(images, meta, "train"), meta, 64, BadSamples(True))
-             for k, img in zip(keys, imgs, strict=True)}  # fmt: skip
+    batches = split_pipeline(shard_urls(images, meta, "train"), meta, 64, BadSamples(True))
+    keyed = {k: img for imgs, _, keys in batches for k, img in zip(keys, imgs, strict=True)}
     with tarfile.open(latents / "train-000000.tar") as tar:
         means = [m for m in tar if m.name.endswith(".mean.npy")]
         stored = {m.name.split(".")[0]: decode_array(tar.extractfile(m).read()) for m in means}
     assert stored and all(a.shape == (2, 4, 8, 8) and a.dtype == np.float16 for a in stored.values())
     x = torch.from_numpy(np.stack([keyed[k] for k in stored])).float() / 127.5 - 1
     mirrored, _ = vae.encode_moments(x.flip(-1))
-    torch.testing.assert_close(torch.from_numpy(np.stack([a[1] for a in stored.values()])).float(), mirrored,
-                               atol=2e-3, rtol=2e-3)  # fmt: skip
+    stored_mirror = torch.from_numpy(np.stack([a[1] for a in stored.values()])).float()
+    torch.testing.assert_close(stored_mirror, mirrored, atol=2e-3, rtol=2e-3)
     assert not torch.allclose(mirrored, vae.encode_moments(x)[0].flip(-1), atol=1e-2)
 
 
@@ -205,9 +207,7 @@ def test_hflip_needs_flipped_latents(toy, tmp_path):
     ],
 )
 def test_bad_input_fails_before_any_work(toy, tmp_path, monkeypatch, kwargs, error, match):
-    import sgexp.eval.features
-
-    monkeypatch.setattr(sgexp.eval.features, "internet_reachable", lambda url, timeout=3.0: False)
+    monkeypatch.setattr(sgexp.vae, "internet_reachable", lambda url, timeout=3.0: False)
     images, vae_dir, _ = toy
     args = dict(images=images, vae=str(vae_dir), out=tmp_path / "out", device="cpu") | kwargs
     with pytest.raises(error, match=match):
@@ -232,11 +232,11 @@ def test_bad_datasets_are_named(toy, tmp_path):
 
 def test_cli(toy, capsys):
     images, vae_dir, latents = toy
-    data_cli(["prepare", "latents", "--images", str(images), "--vae", str(vae_dir), "--flip", "--device", "cpu",
-              "--batch-size", "4"])  # fmt: skip
+    prepare = ["prepare", "latents", "--images", str(images), "--vae", str(vae_dir)]
+    data_cli([*prepare, "--flip", "--device", "cpu", "--batch-size", "4"])
     assert capsys.readouterr().out.strip() == str(latents)  # already prepared: nothing to do
     with pytest.raises(SystemExit) as exit_info:
-        data_cli(["prepare", "latents", "--images", str(images), "--vae", str(vae_dir), "--batch-size", "0"])
+        data_cli([*prepare, "--batch-size", "0"])
     assert exit_info.value.code == 2 and "batch_size=0 is invalid" in capsys.readouterr().err
 
 

@@ -1,4 +1,4 @@
-"""``python -m sgexp.reproduce``: the whole pipeline end to end on digits (preset smoke), its resumption,
+"""``python -m reproduce``: the whole pipeline end to end on digits (preset smoke), its resumption,
 and the stage runner with real subprocesses."""
 
 from __future__ import annotations
@@ -7,14 +7,18 @@ import dataclasses
 import json
 import math
 import sys
+from pathlib import Path
 
 import pytest
 import torch
 
-from sgexp.reproduce import report
-from sgexp.reproduce.__main__ import check_preset, main
-from sgexp.reproduce.plan import PRESETS, Paths, Stage, build_plan
-from sgexp.reproduce.runner import run_stages
+ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(ROOT))  # `reproduce` is a folder at the repository root, not an installed package
+
+from reproduce import claims  # noqa: E402
+from reproduce.__main__ import check_preset, main  # noqa: E402
+from reproduce.runner import run_stages  # noqa: E402
+from reproduce.stages import PRESETS, Paths, Stage, build_plan  # noqa: E402
 
 FIGURES = ("results_tread_vs_dense.png", "results_guidance.png", "results_heatmap.png", "results_pareto.png")
 
@@ -76,11 +80,18 @@ def test_a_work_dir_belongs_to_one_preset(tmp_path):
         check_preset(tmp_path, PRESETS["full"].to_dict())
 
 
-def _python(code: str):
-    return lambda: [sys.executable, "-c", code]
+@pytest.fixture
+def run_code(tmp_path, monkeypatch):
+    """Stages run `python -m ENTRY ARGS`: ENTRY=run_code executes its argument (a module on PYTHONPATH)."""
+    (tmp_path / "run_code.py").write_text("import sys\nexec(sys.argv[1])\n")
+    monkeypatch.setenv("PYTHONPATH", str(tmp_path))
 
 
-def test_runner_runs_subprocesses_by_dependency_and_resumes_after_a_failure(tmp_path):
+def _python(code: str) -> tuple[str, tuple[str, ...]]:
+    return "run_code", (code,)
+
+
+def test_runner_runs_subprocesses_by_dependency_and_resumes_after_a_failure(tmp_path, run_code):
     out = tmp_path / "out"
     out.mkdir()
     flag = tmp_path / "fixed"
@@ -88,10 +99,10 @@ def test_runner_runs_subprocesses_by_dependency_and_resumes_after_a_failure(tmp_
     after_a = f"import pathlib; assert pathlib.Path({str(out / 'a')!r}).exists(); open({str(out / 'b')!r}, 'w')"
     flaky = f"import pathlib, sys; sys.exit(0 if pathlib.Path({str(flag)!r}).exists() else 3)"
     stages = [
-        Stage("a", command=_python(threads)),
-        Stage("b", ("a",), command=_python(after_a)),
-        Stage("c", command=_python(flaky)),
-        Stage("d", ("c",), command=_python(f"open({str(out / 'd')!r}, 'w')")),
+        Stage("a", *_python(threads)),
+        Stage("b", *_python(after_a), needs=("a",)),
+        Stage("c", *_python(flaky)),
+        Stage("d", *_python(f"open({str(out / 'd')!r}, 'w')"), needs=("c",)),
     ]
     state, logs = tmp_path / "stages", tmp_path / "logs"
     with pytest.raises(RuntimeError, match=r"stages \['c'\] failed .*c\.log"):
@@ -109,7 +120,7 @@ def test_bad_input_names_the_parameter(tmp_path):
     with pytest.raises(ValueError, match=r"jobs=0 is invalid"):
         run_stages([], tmp_path / "s", tmp_path / "l", jobs=0)
     with pytest.raises(ValueError, match=r"needs.* is invalid: \['x'\] are not earlier stages"):
-        run_stages([Stage("a", ("x",), command=_python("pass"))], tmp_path / "s", tmp_path / "l")
+        run_stages([Stage("a", *_python("pass"), needs=("x",))], tmp_path / "s", tmp_path / "l")
     bad = dataclasses.replace(PRESETS["smoke"], checkpoint_every=3)
     with pytest.raises(ValueError, match=r"checkpoint_every=3 is invalid: must divide steps=8"):
         build_plan(bad, paths)
@@ -118,16 +129,16 @@ def test_bad_input_names_the_parameter(tmp_path):
 
 
 def test_verdicts_count_only_differences_beyond_the_seed_noise():
-    assert report.noise(1000) == pytest.approx(5.0) and report.noise(250) == pytest.approx(10.0)
-    assert report.verdict(6.0, 1000) == "**holds**"
-    assert report.verdict(-6.0, 1000) == "**does not hold**"
-    assert report.verdict(6.0, 250).startswith("**inconclusive** (difference +6.0 is within the ±10.0")
+    assert claims.noise(1000) == pytest.approx(5.0) and claims.noise(250) == pytest.approx(10.0)
+    assert claims.verdict(6.0, 1000) == "**holds**"
+    assert claims.verdict(-6.0, 1000) == "**does not hold**"
+    assert claims.verdict(6.0, 250).startswith("**inconclusive** (difference +6.0 is within the ±10.0")
 
 
-def test_a_zero_exit_status_without_the_stage_output_is_a_failure(tmp_path):
-    """Lightning answers SIGTERM by stopping early and exiting 0: the stage's own check decides."""
+def test_a_zero_exit_status_without_the_stage_output_is_a_failure(tmp_path, run_code):
+    """Lightning answers SIGTERM by stopping early and exiting 0: the stage's output decides."""
     result = tmp_path / "result.json"
-    stage = Stage("e", command=_python("pass"), incomplete=lambda: None if result.exists() else f"no {result}")
+    stage = Stage("e", *_python("pass"), output=result)
     with pytest.raises(RuntimeError, match=r"stages \['e'\] failed"):
         run_stages([stage], tmp_path / "s", tmp_path / "l")
     attempt = json.loads((tmp_path / "s" / "e.attempts.json").read_text())[0]

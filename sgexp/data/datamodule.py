@@ -10,8 +10,9 @@ import torch
 from torch.utils.data import DataLoader
 
 from sgexp.checks import check_positive_int, fail
+from sgexp.data.bad_samples import BadSamples
 from sgexp.data.latent_format import check_hflip, is_latent
-from sgexp.data.shards import BadSamples, eval_dataset, read_meta, shard_urls
+from sgexp.data.shards import eval_dataset, read_meta, shard_urls
 from sgexp.data.stream import SHUFFLE_SHARDS, TrainStream, shard_counts
 
 
@@ -67,12 +68,7 @@ class ShardDataModule(L.LightningDataModule):
             raise fail("num_workers", num_workers, "must be an integer >= 0 (0 loads in the main process)")
         if val_batch_size is not None:
             check_positive_int("val_batch_size", val_batch_size)
-        if isinstance(shuffle_shards, bool) or not isinstance(shuffle_shards, int) or shuffle_shards < 1:
-            raise fail(
-                "shuffle_shards",
-                shuffle_shards,
-                "must be an integer >= 1 (train shards shuffled together; each loader worker holds their bytes)",
-            )
+        check_positive_int("shuffle_shards", shuffle_shards)
         if max_steps == -1:  # Lightning's spelling of "no limit"
             max_steps = None
         if max_steps is not None:

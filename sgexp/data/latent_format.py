@@ -28,6 +28,7 @@ import numpy as np
 import torch
 
 from sgexp.checks import fail
+from sgexp.data.bad_samples import BadSamples, ShardError
 
 FORMAT = "latent"
 FIELDS = ("mean.npy", "std.npy")
@@ -83,7 +84,7 @@ def decode_array(data: bytes) -> np.ndarray:
 # ----------------------------------------------------------------------------- reader stages
 
 
-def decode_latents(batches: Iterable[list[dict]], meta: dict, bad, patience: int = 100) -> Iterator[tuple]:
+def decode_latents(batches: Iterable[list[dict]], meta: dict, bad: BadSamples, patience: int = 100) -> Iterator[tuple]:
     """Lists of raw samples -> (float32 (B, 2, C, h, w) [mean, std], int64 labels, keys[, noise seeds]).
 
     The view is the flipped one where the sample's flip bit is set. Noise seeds are
@@ -114,8 +115,6 @@ def decode_latents(batches: Iterable[list[dict]], meta: dict, bad, patience: int
             out = (np.stack(moments).astype(np.float32), np.asarray(labels, dtype=np.int64), keys)
             yield (*out, seeds) if seeds[0] is not None else out
         elif (empty := empty + 1) >= patience:
-            from sgexp.data.shards import ShardError
-
             raise ShardError(f"no decodable latent in {patience} batches in a row (last shard {batch[-1]['url']})")
 
 

@@ -27,11 +27,16 @@ from collections.abc import Callable, Iterable, Iterator
 from pathlib import Path
 
 import torch
+import webdataset as wds
+from rich.progress import Progress
 
 import sgexp
 from sgexp.checks import check_positive_int, fail
 from sgexp.data import latent_format
+from sgexp.data.bad_samples import BadSamples, ShardError
 from sgexp.data.latent_format import FIELDS, encode_array
+from sgexp.data.shards import read_meta, split_pipeline
+from sgexp.vae import LatentVAE, load_vae
 
 log = logging.getLogger(__name__)
 
@@ -94,14 +99,17 @@ def _prefetch(items: Iterable, depth: int = 2) -> Iterator:
 
 
 def encode_shard(
-    vae, image_dir: Path, image_meta: dict, out: Path, name: str, batch_size: int, flip: bool, dtype: str,
+    vae: LatentVAE,
+    image_dir: Path,
+    image_meta: dict,
+    out: Path,
+    name: str,
+    batch_size: int,
+    flip: bool,
+    dtype: str,
     advance: Callable[[int], None] | None = None,
-) -> int:  # fmt: skip
+) -> int:
     """Encode image shard ``name`` into ``out/name`` (via a temporary file); returns the number of samples."""
-    import webdataset as wds
-
-    from sgexp.data.shards import BadSamples, ShardError, split_pipeline
-
     # strict: a damaged image shard fails here, naming it, instead of leaving a short latent shard
     batches = split_pipeline([str(image_dir / name)], image_meta, batch_size, BadSamples(strict=True))
     for stale in out.glob(f"{name}.*.tmp"):  # left by a killed run; shards are never shared between processes
@@ -117,8 +125,8 @@ def encode_shard(
             # (V·B, ...) -> (B, V, ...): view 0 the image, view 1 its mirror
             mean, std = (a.unflatten(0, (-1, len(x))).transpose(0, 1).cpu().numpy().astype(dtype) for a in (mean, std))
             for i, key in enumerate(keys):
-                sink.write({"__key__": key, "cls": int(labels[i]), FIELDS[0]: encode_array(mean[i]),
-                            FIELDS[1]: encode_array(std[i])})  # fmt: skip
+                fields = {FIELDS[0]: encode_array(mean[i]), FIELDS[1]: encode_array(std[i])}
+                sink.write({"__key__": key, "cls": int(labels[i]), **fields})
             written += len(keys)
             if advance is not None:
                 advance(len(keys))
@@ -141,8 +149,6 @@ def _init_worker(job: dict, devices: list[str], counter) -> None:
     A failure is kept and raised by the first task instead: a Pool replaces a worker
     whose initializer raises, forever, and the parent would wait in silence.
     """
-    from sgexp.vae import load_vae
-
     try:
         with counter.get_lock():
             index, counter.value = counter.value, counter.value + 1
@@ -161,9 +167,13 @@ def _encode_in_worker(name: str) -> tuple[str, int]:
     w = _WORKER
     if "error" in w:
         raise RuntimeError(f"a worker could not load the VAE: {type(w['error']).__name__}: {w['error']}")
-    n = encode_shard(w["vae"], Path(w["image_dir"]), w["image_meta"], Path(w["out"]), name, w["batch_size"],
-                     w["flip"], w["dtype"])  # fmt: skip
-    return name, n
+    return name, _encode(w["vae"], w, name)
+
+
+def _encode(vae: LatentVAE, job: dict, name: str, advance: Callable[[int], None] | None = None) -> int:
+    """``encode_shard`` for one of ``job``'s shards, in this process or in a pool worker."""
+    image_dir, image_meta, out = job["image_dir"], job["image_meta"], job["out"]
+    return encode_shard(vae, image_dir, image_meta, out, name, job["batch_size"], job["flip"], job["dtype"], advance)
 
 
 # ----------------------------------------------------------------------------- the dataset
@@ -281,9 +291,6 @@ def prepare_latents(
     per rank (default: one per visible GPU, else 1). Returns ``out``, which holds
     meta.json once every rank's shards are there.
     """
-    from sgexp.data.shards import read_meta
-    from sgexp.vae import load_vae
-
     check_positive_int("batch_size", batch_size)
     latent_format.check_dtype(dtype)
     rank, world_size, local_rank = distributed_position(rank, world_size)
@@ -306,19 +313,39 @@ def prepare_latents(
     names = image_meta["train_shards"] + image_meta["val_shards"]
     todo = [n for n in my_shards(names, rank, world_size) if not (out / n).exists()]
     total = sum(image_meta["shard_samples"][n] for n in todo)
-    log.info("rank %d/%d: encoding %d of %d shards (%d images) on %s", rank, world_size, len(todo), len(names),
-             total, ", ".join(sorted(set(devices))))  # fmt: skip
-    job = dict(image_dir=str(image_dir), image_meta=image_meta, out=str(out), batch_size=batch_size, flip=flip,
-               dtype=dtype, vae_source=encoder.source, vae_identity=encoder.identity, scale=encoder.scale,
-               shift=encoder.shift, vae_dtype=vae_dtype)  # fmt: skip
+    where = ", ".join(sorted(set(devices)))
+    log.info(
+        "rank %d/%d: encoding %d of %d shards (%d images) on %s", rank, world_size, len(todo), len(names), total, where
+    )
+    job = {
+        "image_dir": image_dir,
+        "image_meta": image_meta,
+        "out": out,
+        "batch_size": batch_size,
+        "flip": flip,
+        "dtype": dtype,
+        "vae_source": encoder.source,
+        "vae_identity": encoder.identity,
+        "scale": encoder.scale,
+        "shift": encoder.shift,
+        "vae_dtype": vae_dtype,
+    }
     _run(encoder, job, todo, devices, total, show=rank == 0)
 
     missing = [n for n in names if not (out / n).exists()]
     if missing:
         log.info("%d shards are still being encoded by other ranks; the last to finish writes meta.json", len(missing))
         return out
-    arguments = dict(images=str(image_dir), vae=vae, out=str(out), batch_size=batch_size, flip=flip, dtype=dtype,
-                     scale=scale, vae_dtype=vae_dtype)  # fmt: skip
+    arguments = {
+        "images": str(image_dir),
+        "vae": vae,
+        "out": str(out),
+        "batch_size": batch_size,
+        "flip": flip,
+        "dtype": dtype,
+        "scale": scale,
+        "vae_dtype": vae_dtype,
+    }
     command = command or f"prepare_latents({', '.join(f'{k}={v!r}' for k, v in arguments.items())})"
     for stale in out.glob("*.tar.*.tmp"):  # every shard is complete: what is left is debris of killed runs
         stale.unlink(missing_ok=True)
@@ -330,16 +357,13 @@ def prepare_latents(
 def _run(encoder, job: dict, todo: list[str], devices: list[str], total: int, show: bool = True) -> None:
     """Encode ``todo``: in this process with one worker, else in a pool (one VAE per process).
     ``show``: a progress bar (rank 0's; the other ranks log)."""
-    from rich.progress import Progress
-
     with Progress(disable=not (todo and show)) as progress:
         task = progress.add_task(f"encoding {Path(job['out']).name}", total=total)
         if len(devices) == 1 or len(todo) <= 1:
             encoder.to(devices[0])
             advance = lambda n: progress.advance(task, n)  # noqa: E731
             for name in todo:
-                encode_shard(encoder, Path(job["image_dir"]), job["image_meta"], Path(job["out"]), name,
-                             job["batch_size"], job["flip"], job["dtype"], advance)  # fmt: skip
+                _encode(encoder, job, name, advance)
             return
         # CUDA cannot be used in a forked child; on CPU, fork saves each worker the imports
         context = multiprocessing.get_context("spawn" if devices[0].startswith("cuda") else "fork")

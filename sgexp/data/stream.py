@@ -42,7 +42,8 @@ from pathlib import Path
 import torch
 
 from sgexp.checks import check_positive_int
-from sgexp.data.shards import BadSamples, ShardError, _check, _decode_stage, _model_stage, _tar_samples
+from sgexp.data.bad_samples import BadSamples, ShardError
+from sgexp.data.shards import _check, _decode_stage, _model_stage, _tar_samples
 
 # Shards per shuffle window: 4,000 samples mixed (prepare shuffles before sharding, so every
 # shard already mixes classes) for 4 shards of bytes per loader worker: ~0.5 GB of

@@ -11,8 +11,11 @@ import math
 from pathlib import Path
 from typing import Any
 
-from sgexp.reproduce.plan import MODELS, Paths, Preset, Stage
-from sgexp.reproduce.runner import is_done, marker
+from reproduce.runner import is_done, marker
+from reproduce.stages import MODELS, Paths, Preset, Stage, rel
+from sgexp.flops import gflops_per_pass
+from sgexp.models.dit import DiTConfig
+from sgexp.runs import checkpoint_step, open_checkpoint
 
 ROW_KEYS = ("fid", "precision", "recall", "class_accuracy", "gflops_per_sample", "relative_to_cfg")
 ROW_KEYS += ("seconds_per_sample", "num_samples", "grid")
@@ -27,7 +30,7 @@ def _number(value: Any) -> float:
 
 def _rows(stage: Stage) -> dict[str, dict]:
     """The evaluation rows of a stage by setting name, with the setting's own numbers added."""
-    results = json.loads(Path(stage.output).read_text())
+    results = json.loads(stage.output.read_text())
     out = {}
     for row in results["rows"]:
         setting = stage.info.get("settings", {}).get(row["setting"], {})
@@ -45,15 +48,11 @@ def _rows(stage: Stage) -> dict[str, dict]:
 
 
 def _training(stage: Stage, state_dir: Path) -> dict:
-    """Steps, wall seconds and the analytic forward GFLOPs per training image of a finished training."""
-    from omegaconf import OmegaConf
-
-    from sgexp.flops import gflops_per_pass
-    from sgexp.lit.module import FlowMatchingModule
-
-    ckpt = Path(stage.output) / "checkpoints" / "last.ckpt"
-    config = FlowMatchingModule.load_from_checkpoint(ckpt, map_location="cpu").config
-    run_cfg = OmegaConf.load(Path(stage.output) / "config.yaml")
+    """Steps, wall seconds and the analytic forward GFLOPs per training image of a finished training,
+    read from its checkpoint's stored network and run config (tensors memory-mapped, not read)."""
+    checkpoint = open_checkpoint(stage.output)
+    config = DiTConfig.from_dict(dict(checkpoint["hyper_parameters"]["model"]))
+    run = checkpoint["sgexp_config"]
     sparsity = [r.sparsity for r in config.routes] if config.routes else 0.0
     seconds = json.loads(marker(state_dir, stage.name).read_text())["seconds"]
     return {
@@ -63,23 +62,20 @@ def _training(stage: Stage, state_dir: Path) -> dict:
         "seconds_per_step": seconds / stage.info["steps"],
         "train_gflops_per_image": gflops_per_pass(config, sparsity),  # forward pass at γ_train
         "routes": [f"{r.start}:{r.end}@{r.sparsity:g}" for r in config.routes],
+        "prefix_blocks": min((r.start for r in config.routes), default=config.depth),  # dense before any route
         "depth": config.depth,
         "width": config.hidden_size,
         "tokens": config.num_tokens,
-        "model_name": run_cfg.model.name,
-        "batch_size": int(run_cfg.data.batch_size),
+        "model_name": run["model"]["name"],
+        "batch_size": int(run["data"]["batch_size"]),
         "resolution": config.input_size,
     }
 
 
 def training_step(run_dir: Path) -> int | None:
     """The step of a training's last checkpoint (written every few steps), None before the first."""
-    import torch
-
     ckpt = Path(run_dir) / "checkpoints" / "last.ckpt"
-    if not ckpt.is_file():
-        return None
-    return int(torch.load(ckpt, map_location="cpu", weights_only=False).get("global_step", 0))
+    return checkpoint_step(ckpt) if ckpt.is_file() else None
 
 
 def collect(preset: Preset, paths: Paths, stages: list[Stage]) -> dict:
@@ -89,9 +85,8 @@ def collect(preset: Preset, paths: Paths, stages: list[Stage]) -> dict:
     out: dict[str, Any] = {"preset": preset.to_dict(), "pending": [s.name for s in stages if s.name not in done]}
     out["seconds"] = {n: json.loads(marker(state, n).read_text())["seconds"] for n in done}
     out["commands"] = {s.name: s.shell(fresh=True) for s in stages}
-    out["progress"] = {
-        f"train_{m}": training_step(paths.run_dir(m)) for m in MODELS if f"train_{m}" not in done
-    }  # fmt: skip
+    trainings = [m for m in MODELS if f"train_{m}" not in done]
+    out["progress"] = {f"train_{m}": training_step(paths.run_dir(m)) for m in trainings}
     out["training"] = {m: _training(done[f"train_{m}"], state) for m in MODELS if f"train_{m}" in done}
     out["guidance"] = {}
     for group in preset.guidance:
@@ -110,10 +105,10 @@ def collect(preset: Preset, paths: Paths, stages: list[Stage]) -> dict:
         if stage.name.startswith("heatmap_") and stage.name in done:
             out["heatmaps"][stage.info["scale"]] = list(_rows(stage).values())
     if "sweep" in done:
-        summary = json.loads(Path(done["sweep"].output).read_text())
+        report = done["sweep"].output.parent
         out["sweep"] = {
-            "summary": summary,
-            "pareto_png": str(Path(done["sweep"].output).parent / "pareto.png"),
-            "trials_csv": str(Path(done["sweep"].output).parent / "trials.csv"),
+            "summary": json.loads(done["sweep"].output.read_text()),
+            "pareto_png": rel(report / "pareto.png"),
+            "trials_csv": rel(report / "trials.csv"),
         }
     return out

@@ -1,7 +1,8 @@
 """The PNGs of docs/results.md, drawn from ``results.collect``'s record.
 
-matplotlib ``Figure`` objects on their own Agg canvas (no pyplot state), as in ``sgexp.sweeps.plots``.
-Each function returns the path written, or None when its stages have not finished.
+matplotlib ``Figure`` objects on their own Agg canvas (no pyplot state), as in ``sgexp.sweeps.plots``,
+whose markers and colours the guidance rules keep here. Each function returns the path written, or None
+when its stages have not finished.
 """
 
 from __future__ import annotations
@@ -11,10 +12,21 @@ import shutil
 from pathlib import Path
 
 import numpy as np
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-from sgexp.sweeps.plots import _figure, style
+from reproduce.stages import ROOT
+from sgexp.diffusion.guidance import RULES
+from sgexp.sweeps.plots import style
 
 MODEL_STYLE = {"tread": ("TREAD (γ_train 0.5)", "#ff7f0e", "o"), "dense": ("dense", "#1f77b4", "s")}
+
+
+def _figure(size: tuple[float, float]) -> Figure:
+    fig = Figure(figsize=size, layout="constrained")
+    FigureCanvasAgg(fig)
+    return fig
 
 
 def tread_vs_dense(record: dict, path: Path) -> Path | None:
@@ -47,13 +59,12 @@ def guidance(record: dict, path: Path) -> Path | None:
         return None
     fig = _figure((8, 5.5))
     ax = fig.subplots()
-    for rule in ("none", "cfg", "sg", "cfg_sg"):
+    for rule in dict.fromkeys(r["rule"] for r in rows):  # in the table's order
         pts = sorted((r for r in rows if r["rule"] == rule), key=lambda r: (r["gflops_per_sample"], r["scale"]))
-        if not pts:
-            continue
-        label, marker, colour, _ = style(rule)
-        ax.plot([r["gflops_per_sample"] for r in pts], [r["fid"] for r in pts], marker=marker, color=colour,
-                linestyle="" if rule == "none" else ":", markersize=8, label=label)  # fmt: skip
+        _, marker, colour, _ = style(rule)
+        x, y = [r["gflops_per_sample"] for r in pts], [r["fid"] for r in pts]
+        line = "" if rule == "none" else ":"
+        ax.plot(x, y, marker=marker, color=colour, linestyle=line, markersize=8, label=RULES[rule].label)
         for r in pts:
             text = f"w={r['scale']:g}" if rule != "none" else f"γ={r['gamma_strong']:g}"
             ax.annotate(text, (r["gflops_per_sample"], r["fid"]), textcoords="offset points", xytext=(6, 4), fontsize=8)
@@ -100,9 +111,7 @@ def heatmaps(record: dict, path: Path) -> Path | None:
     return path
 
 
-def _box(cell: tuple[int, int]):
-    from matplotlib.patches import Rectangle
-
+def _box(cell: tuple[int, int]) -> Rectangle:
     i, j = cell
     return Rectangle((j - 0.5, i - 0.5), 1, 1, fill=False, edgecolor="red", linewidth=2)
 
@@ -110,9 +119,10 @@ def _box(cell: tuple[int, int]):
 def pareto(record: dict, path: Path) -> Path | None:
     """The sweep's own Pareto plot (``sgexp.sweeps.plots``), copied next to the other figures."""
     sweep = record.get("sweep")
-    if not sweep or not Path(sweep["pareto_png"]).is_file():
+    source = ROOT / sweep["pareto_png"] if sweep else None  # relative to the repository, or absolute
+    if source is None or not source.is_file():
         return None
-    shutil.copyfile(sweep["pareto_png"], path)
+    shutil.copyfile(source, path)
     return path
 
 

@@ -1,9 +1,9 @@
-"""``python -m sgexp.reproduce``: run (or resume) the reproduction, then write its report.
+"""``python -m reproduce``: run (or resume) the reproduction, then write its report.
 
-python -m sgexp.reproduce                          # preset full -> runs/reproduce, docs/results.md
-python -m sgexp.reproduce --preset smoke           # -> runs/reproduce-smoke (its report included)
-python -m sgexp.reproduce --report-only            # the report of whatever has finished
-python -m sgexp.reproduce --list                   # the stages, their commands and which are done
+python -m reproduce                          # preset full -> runs/reproduce, docs/results.md
+python -m reproduce --preset smoke           # -> runs/reproduce-smoke (its report included)
+python -m reproduce --report-only            # the report of whatever has finished
+python -m reproduce --list                   # the stages, their commands and which are done
 """
 
 from __future__ import annotations
@@ -14,17 +14,17 @@ import logging
 import sys
 from pathlib import Path
 
-from sgexp.checks import fail
-from sgexp.reproduce import figures, report
-from sgexp.reproduce.plan import PRESETS, Paths, build_plan, default_paths
-from sgexp.reproduce.results import collect, training_step
-from sgexp.reproduce.runner import is_done, run_stages
+from reproduce import figures, report
+from reproduce.results import collect, training_step
+from reproduce.runner import is_done, run_stages
+from reproduce.stages import PRESETS, Paths, build_plan, default_paths
+from sgexp.checks import check_choice, fail
 
-log = logging.getLogger("sgexp.reproduce")
+log = logging.getLogger("reproduce")
 
 
-def parse(argv: list[str] | None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sgexp.reproduce", description=__doc__.split("\n")[0])
+def parse(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(prog="python -m reproduce", description=__doc__.split("\n")[0])
     parser.add_argument("--preset", default="full", help=f"one of {list(PRESETS)} (%(default)s)")
     parser.add_argument("--work-dir", type=Path, help="runs, stage markers and logs (default runs/reproduce)")
     parser.add_argument("--data-dir", type=Path, help="prepared datasets (default data/shards)")
@@ -40,9 +40,7 @@ def parse(argv: list[str] | None) -> argparse.Namespace:
 def main(argv: list[str] | None = None) -> dict:
     argv = list(sys.argv[1:] if argv is None else argv)
     args = parse(argv)
-    if args.preset not in PRESETS:
-        raise fail("--preset", args.preset, f"must be one of {list(PRESETS)}")
-    preset = PRESETS[args.preset]
+    preset = PRESETS[check_choice("--preset", args.preset, list(PRESETS))]
     base = default_paths(preset)
     work = (args.work_dir or base.work).resolve()
     docs = args.docs_dir or (base.docs if args.work_dir is None else work / "docs")
@@ -52,16 +50,15 @@ def main(argv: list[str] | None = None) -> dict:
     if args.list:
         for stage in stages:
             state = "done" if is_done(state_dir, stage.name) else "todo"
-            if state == "todo" and stage.name.startswith("train_"):
-                state = f"step {training_step(stage.output) or 0}/{preset.steps}"
+            if state == "todo" and stage.step is not None:
+                state = f"step {training_step(stage.output.parents[1]) or 0}/{stage.step}"
             print(f"{state:<16}{stage.name:<18} {stage.shell()}")
         return {"stages": [s.name for s in stages]}
     check_preset(paths.work, preset.to_dict())
     ran = [] if args.report_only else run_stages(stages, state_dir, paths.work / "logs", args.jobs, args.inline)
     record = collect(preset, paths, stages)
     drawn = figures.write_all(record, paths.docs)
-    invocation = report.invocation_of(argv)
-    md = report.write(record, drawn, paths.docs / "results.md", invocation, paths.work)
+    md = report.write(record, drawn, paths.docs / "results.md", report.invocation_of(argv), paths.work)
     (paths.work / "record.json").write_text(json.dumps(record, indent=2, default=str))
     log.info("report: %s (%d stages pending)", md, len(record["pending"]))
     return {"record": record, "figures": drawn, "report": md, "paths": paths, "ran": ran}
@@ -87,3 +84,5 @@ if __name__ == "__main__":
         main()
     except (ValueError, RuntimeError) as err:
         sys.exit(f"error: {err}")
+    except KeyboardInterrupt:
+        sys.exit("interrupted: re-run the same command to resume")
