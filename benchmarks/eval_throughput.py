@@ -28,6 +28,8 @@ from torch import nn
 from benchmarks import timing
 from benchmarks.workloads import Workload, build
 from sgexp.diffusion import Sampler, cfg, generate, sparse_guidance, unguided
+from sgexp.eval.classifier import ClassifierConfig, SmallCNN
+from sgexp.eval.features import ClassifierExtractor, InceptionExtractor
 
 MNIST = Workload("SiT-Tiny/4", input_size=28, channels=1, num_classes=10)
 META = {"name": "mnist5k", "channels": 1, "resolution": 28, "num_classes": 10}
@@ -62,9 +64,6 @@ def sampling(batch: int, steps: int, repeats: int, warmup: int) -> list[dict]:
 
 def classifier_extractor(directory: Path):
     """``ClassifierExtractor`` on a saved SmallCNN with random weights (the real loading path)."""
-    from sgexp.eval.classifier import ClassifierConfig, SmallCNN
-    from sgexp.eval.features import ClassifierExtractor
-
     config = ClassifierConfig(in_channels=1, resolution=28, num_classes=10)
     path = directory / "classifier.pt"
     torch.save({"config": config.__dict__, "state_dict": SmallCNN(config).state_dict()}, path)
@@ -76,7 +75,7 @@ class _InceptionLayers(nn.Module):
 
     def __init__(self):
         super().__init__()
-        from torchvision.models import inception_v3
+        from torchvision.models import inception_v3  # only this row needs torchvision (a slow import)
 
         net = inception_v3(weights=None, aux_logits=False, init_weights=True)
         self.layers = nn.Sequential(*(getattr(net, name) for name in INCEPTION_LAYERS))
@@ -86,8 +85,6 @@ class _InceptionLayers(nn.Module):
 
 
 def random_inception_extractor(directory: Path):
-    from sgexp.eval.features import InceptionExtractor
-
     path = directory / "inception-random.pt"
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", FutureWarning)  # torch.jit is deprecated; clean-fid's file is TorchScript

@@ -9,14 +9,20 @@ every choice of a run.
 
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from collections.abc import Iterable
+from dataclasses import asdict, dataclass, field
 from typing import Any
 
+import torch
 from hydra.core.config_store import ConfigStore
+
+from sgexp.checks import fail
 
 
 @dataclass
 class ModelConfig:
+    """The network: a registry size; every other field is the ``DiTConfig`` field of the same name."""
+
     name: str = "SiT-Tiny/4"  # registry name, see sgexp.models.dit.MODEL_SIZES
     class_dropout_prob: float = 0.1  # label dropout (CFG training); null label = num_classes
     mlp_ratio: float = 4.0
@@ -42,19 +48,52 @@ class DataConfig:
     shuffle_shards: int = 4  # shards shuffled together (one window held per loader worker); part of the stream
     prepare: bool = True  # prepare embedded datasets (mnist5k, digits) when missing
 
+    def loader_args(self) -> dict[str, Any]:
+        """The arguments of ``sgexp.data.ShardDataModule``, which share these fields' names; the others say
+        which data (name, root), how to share a global batch (applied once the trainer is known) and whether
+        to prepare it."""
+        return {k: v for k, v in asdict(self).items() if k not in ("name", "root", "global_batch_size", "prepare")}
+
 
 @dataclass
 class OptimConfig:
+    """How the network is optimised: AdamW, the learning rate ramped linearly over ``warmup_steps`` and then
+    constant (the SG paper uses no schedule), gradient clipping, the EMA of the weights, the timestep
+    distribution of the loss. The one home of these settings: a new optimizer option is a field here, its
+    check in ``__post_init__`` and its use in ``make_optimizer``. ``sgexp.lit.module.FlowMatchingModule``
+    takes this object and stores it in checkpoints as a plain dict (``asdict``)."""
+
     lr: float = 1e-4
     betas: list[float] = field(default_factory=lambda: [0.9, 0.999])
     weight_decay: float = 0.0
-    warmup_steps: int = 0
+    warmup_steps: int = 0  # the learning rate ramps linearly from lr / warmup_steps to lr
     grad_clip: float = 0.0  # max gradient norm; 0 disables clipping
     ema_decay: float = 0.9999
-    ema_warmup: bool = True
+    ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (sgexp.lit.ema)
     t_mean: float = 0.0  # logit-normal timestep distribution
     t_std: float = 1.0
-    compile: bool = False
+    compile: bool = False  # torch.compile the network
+
+    def __post_init__(self) -> None:
+        if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
+            raise fail("optim.lr", self.lr, "must be a number > 0")
+        betas = list(self.betas)  # a tuple, a list or OmegaConf's ListConfig; stored as a list of floats
+        if len(betas) != 2 or not all(isinstance(b, (int, float)) and 0.0 <= b < 1.0 for b in betas):
+            raise fail("optim.betas", self.betas, "must be two numbers in [0, 1)")
+        self.betas = [float(b) for b in betas]
+        if isinstance(self.warmup_steps, bool) or not isinstance(self.warmup_steps, int) or self.warmup_steps < 0:
+            raise fail("optim.warmup_steps", self.warmup_steps, "must be an integer >= 0")
+        if not self.grad_clip >= 0:
+            raise fail("optim.grad_clip", self.grad_clip, "must be >= 0 (0 disables clipping)")
+        if not 0.0 <= self.ema_decay < 1.0:
+            raise fail("optim.ema_decay", self.ema_decay, "must be in [0, 1)")
+
+    def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:
+        """AdamW over ``params`` and its per-step schedule, as Lightning's ``configure_optimizers`` returns them."""
+        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        warmup = max(self.warmup_steps, 1)
+        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
+        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
 
 
 @dataclass
@@ -93,14 +132,16 @@ class GuidanceSetting:
 
     The mappings of settings are typed ``dict[str, Any]`` so that a new setting can
     be added from the command line (``+guidance.sg8={rule: sg, scale: 8, ...}``);
-    ``sgexp.lit.eval_callback.make_settings`` validates every setting against these
+    ``sgexp.eval.settings.make_settings`` validates every setting against these
     fields before any sampling, naming the bad key or value.
     """
 
     rule: str = "none"  # none | cfg | icg | sg | cfg_sg | ag | ag_sg (sgexp.diffusion.guidance.RULES)
     scale: float = 1.0
-    gamma_strong: str = "0"  # a number or "cosine:START:END"
-    gamma_weak: str = "0"
+    # γ: a number in [0, 1) or "cosine:START:END", unquoted in YAML and on the command line (Any: OmegaConf has
+    # no number-or-string type; make_settings checks the value and names the key)
+    gamma_strong: Any = 0.0
+    gamma_weak: Any = 0.0
     interval: list[float] | None = None  # [t_lo, t_hi]: guide only there
     share_prefix: bool = True  # SG: run the dense prefix before the first routed block once for both branches
 
@@ -110,18 +151,19 @@ def default_settings() -> dict[str, Any]:
     return {
         "none": {"rule": "none", "scale": 1.0},
         "cfg": {"rule": "cfg", "scale": 1.5},
-        "sg": {"rule": "sg", "scale": 5.0, "gamma_strong": "0.5", "gamma_weak": "0.9"},
+        "sg": {"rule": "sg", "scale": 5.0, "gamma_strong": 0.5, "gamma_weak": 0.9},
     }
 
 
 @dataclass
 class GuidedEvalConfig:
-    """The evaluation callback: sample grids always, metrics when a feature extractor is available."""
+    """The evaluation callback (``sgexp.lit.eval_callback``): EMA samples for each setting at the end of
+    training (and every ``every_n_steps`` if > 0); sample grids always, metrics when an extractor is chosen."""
 
     every_n_steps: int = 0  # 0: only at the end of training
     num_samples: int = 500
     batch_size: int = 250
-    num_steps: int = 40
+    num_steps: int = 40  # Euler steps
     seed: int = 0
     extractor: str = "auto"  # auto: the dataset's classifier if trained, else none (grids only); or inception
     train_classifier: bool = False  # train the dataset's classifier first if it is missing (~30 s on MNIST-5k)
@@ -195,14 +237,16 @@ class SamplerConfig:
 
 @dataclass
 class EvaluateConfig:
-    checkpoint: str = "latest"  # a .ckpt, a run directory, an MLflow run id, or "latest"
-    weak_checkpoint: str | None = None  # AutoGuidance's weak model
-    guidance: dict[str, Any] = field(default_factory=dict)
+    """``python -m sgexp.evaluate`` (``configs/evaluate.yaml`` adds the guidance selection and paths)."""
+
+    checkpoint: str = "latest"  # a .ckpt, a run directory, an MLflow run id, or "latest" (newest under runs_dir)
+    weak_checkpoint: str | None = None  # AutoGuidance's weak model (ag, ag_sg)
+    guidance: dict[str, Any] = field(default_factory=dict)  # name -> GuidanceSetting; configs/guidance/*.yaml
     num_samples: int = 1000
-    batch_size: int = 250
-    seed: int = 0
+    batch_size: int = 250  # per process
+    seed: int = 0  # every setting is scored on the same sample indices (same noise and labels)
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    extractor: str = "auto"  # auto | classifier | mnist | inception
+    extractor: str = "auto"  # auto: the dataset's classifier if trained (domain FID), else inception; or classifier
     inception_weights: str | None = None  # or SGEXP_INCEPTION_WEIGHTS
     reference_split: str = "val"
     reference_batch: str | None = None  # an ADM reference npz, e.g. VIRTUAL_imagenet256_labeled.npz

@@ -23,9 +23,11 @@ from collections.abc import Sequence
 from pathlib import Path
 
 import torch
+from lightning import __version__ as lightning_version
 
 from sgexp import runs
 from sgexp.checks import check_choice, check_positive_int, fail
+from sgexp.lit.module import FlowMatchingModule
 from sgexp.models.dit import DiTConfig, parse_model_name
 from sgexp.models.routing import Route
 from sgexp.models.upstream import KINDS, convert_state_dict, read_state_dict
@@ -80,10 +82,6 @@ def convert(
             "velocity; use it to initialise fine-tuning",
             source,
         )
-
-    from lightning import __version__ as lightning_version
-
-    from sgexp.lit.module import FlowMatchingModule
 
     module = FlowMatchingModule(model=config.to_dict(), dataset=dataset)
     with torch.no_grad():
@@ -143,9 +141,17 @@ def main(argv: list[str] | None = None) -> Path:
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
     try:
         out = convert(
-            args.kind, args.checkpoint, args.out, model=args.model, num_heads=args.num_heads, routes=args.routes,
-            dataset=args.dataset, data_dir=args.data_dir, use_ema=args.use_ema, force=args.force,
-        )  # fmt: skip
+            args.kind,
+            args.checkpoint,
+            args.out,
+            model=args.model,
+            num_heads=args.num_heads,
+            routes=args.routes,
+            dataset=args.dataset,
+            data_dir=args.data_dir,
+            use_ema=args.use_ema,
+            force=args.force,
+        )
     except (ValueError, FileNotFoundError) as err:
         parser.exit(2, f"{parser.prog}: error: {err}\n")
     print(out, file=sys.stdout)

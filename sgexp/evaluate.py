@@ -21,13 +21,17 @@ from datetime import datetime
 from pathlib import Path
 
 import hydra
+from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 from rich.progress import Progress
+from rich.table import Table
 
 from sgexp import run_record, runs, tracking
+from sgexp.checks import check_positive_int
 from sgexp.config import register_configs
 from sgexp.eval.evaluator import load_evaluator
-from sgexp.lit.eval_callback import make_settings
+from sgexp.eval.settings import make_settings
 
 log = logging.getLogger("sgexp.evaluate")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
@@ -49,6 +53,8 @@ COLUMNS = [
 def run(cfg: DictConfig) -> dict:
     root = Path(cfg.paths.root).resolve()
     cfg.paths.root = str(root)
+    check_positive_int("num_samples", cfg.num_samples)
+    check_positive_int("batch_size", cfg.batch_size)
     settings = make_settings(OmegaConf.to_container(cfg.guidance, resolve=True))
     if not settings:
         raise ValueError("guidance={} is invalid: select at least one setting, e.g. guidance=[none,cfg,sg]")
@@ -57,9 +63,7 @@ def run(cfg: DictConfig) -> dict:
         raise ValueError(
             f"weak_checkpoint=None is invalid: settings {needs_weak} (AutoGuidance) need a weak checkpoint"
         )
-    tracking_uri = tracking.resolve_tracking_uri(cfg.logger.tracking_uri, root) if cfg.logger.enabled else None
-    if tracking_uri:
-        tracking.check_tracking_uri(tracking_uri)
+    tracking_uri = tracking.tracking_uri_for(cfg.logger, root)
     # Models, features and reference statistics before any sampling: a missing classifier
     # or Inception weights file fails now, not after an hour of sampling.
     evaluator = load_evaluator(cfg, tracking_uri)
@@ -68,7 +72,6 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    specs = OmegaConf.to_container(cfg.guidance, resolve=True)
     rows = []
     with Progress(disable=os.environ.get("RANK", "0") != "0") as progress:
         for setting in settings:
@@ -76,7 +79,7 @@ def run(cfg: DictConfig) -> dict:
             rows.append(
                 evaluator.score(
                     setting.name,
-                    specs[setting.name],
+                    setting,
                     cfg.num_samples,
                     cfg.seed,
                     out_dir / f"{setting.name}.png",
@@ -87,7 +90,7 @@ def run(cfg: DictConfig) -> dict:
 
     results = {
         "checkpoint": str(ckpt),
-        "step": runs.checkpoint_step(ckpt),
+        "step": evaluator.step,
         "dataset": evaluator.dataset,
         "metric": evaluator.metric,
         "reference_split": cfg.reference_split,
@@ -105,9 +108,6 @@ def run(cfg: DictConfig) -> dict:
 
 
 def _print_table(results: dict) -> None:
-    from rich.console import Console
-    from rich.table import Table
-
     table = Table(
         title=f"{results['metric']} vs {results['reference']}, {results['num_samples']} samples, step {results['step']}"
     )
@@ -126,8 +126,6 @@ def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_ur
     if parent_file.is_file():
         tags["mlflow.parentRunId"] = parent_file.read_text().strip()
     run_id = tracking.open_run(out_dir, tracking_uri, cfg.logger.experiment, f"eval/{out_dir.name}", tags=tags)
-    from mlflow.tracking import MlflowClient
-
     client = MlflowClient(tracking_uri)
     run_record.log_run_context(
         client, run_id, config=OmegaConf.to_container(cfg, resolve=True), meta=None, checkpoint_dir=None, root=root

@@ -3,7 +3,7 @@
 ``log_run_context`` records the resolved config (flattened params + ``config.yaml``), the dataset's
 ``meta.json``, the git commit and the directories of the run; logging it again on resume is safe.
 ``log_artifact_file`` and ``log_image`` attach files and sample grids. Every helper takes an explicit
-``MlflowClient`` (or the Lightning logger of ``sgexp.tracking.make_logger``) and a run id: nothing
+``MlflowClient`` (or the Lightning logger of ``sgexp.lit.mlflow_logger.make_logger``) and a run id: nothing
 touches mlflow's process-wide state. Where runs live and how they keep their identity:
 ``sgexp.tracking``.
 """
@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import json
 import logging
-import re
+import subprocess
 import tempfile
 from collections.abc import Mapping
 from datetime import UTC, datetime
@@ -23,77 +23,39 @@ import numpy as np
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from mlflow.entities import Param, RunTag
+from mlflow.entities import RunTag
 from mlflow.tracking import MlflowClient
-from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
-from omegaconf import DictConfig, ListConfig, OmegaConf
+from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from omegaconf import DictConfig
+from PIL import Image
 
 from sgexp.checks import fail
-from sgexp.tracking import BATCH, Target, git_commit, git_dirty
+from sgexp.tracking import flatten_params, log_params, mlflow_key, to_plain
 
 log = logging.getLogger("sgexp.run_record")
 
-
-def _plain(value: Any) -> Any:
-    """Plain YAML/JSON types: resolved OmegaConf containers, lists for tuples, str for the rest."""
-    if isinstance(value, DictConfig | ListConfig):
-        value = OmegaConf.to_container(value, resolve=True)
-    if isinstance(value, Mapping):
-        return {str(k): _plain(v) for k, v in value.items()}
-    if isinstance(value, list | tuple):
-        return [_plain(v) for v in value]
-    if isinstance(value, np.generic):
-        return value.item()
-    if value is None or isinstance(value, bool | int | float | str):
-        return value
-    return str(value)
+Target = MlflowClient | MLFlowLogger  # where a helper logs: a client (with a run id) or the Lightning logger
 
 
-def _key(key: str) -> str:
-    """A valid mlflow key: letters, digits, ``_ - . / : space``; no empty or ``..`` path parts."""
-    key = re.sub(r"[^\w.\- :/]", "_", key).strip("/") or "_"
-    key = "/".join(part if part not in ("", ".", "..") else "_" for part in key.split("/"))
-    return key[:MAX_ENTITY_KEY_LENGTH]
+def _git(root: Path, *args: str) -> str | None:
+    try:  # --no-optional-locks: never take index.lock in a tree somebody else is working in
+        out = subprocess.run(
+            ["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True, timeout=10
+        )
+    except (OSError, subprocess.TimeoutExpired):
+        return None
+    return out.stdout.strip() if out.returncode == 0 else None
 
 
-def flatten_params(config: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
-    """``{"a": {"b": 1, "c": [1, 2]}}`` -> ``{"a.b": "1", "a.c": "[1, 2]"}``.
-
-    Lists become JSON, other values ``str``; values are cut to mlflow's 6,000-character limit and keys
-    cleaned of characters mlflow refuses and cut to 250.
-    """
-    flat: dict[str, str] = {}
-
-    def walk(node: Any, key: str) -> None:
-        if isinstance(node, Mapping) and node:
-            for k, v in node.items():
-                walk(v, f"{key}{sep}{k}" if key else str(k))
-        elif key:
-            text = json.dumps(node, default=str) if isinstance(node, list | tuple) else str(node)
-            flat[_key(key)] = text[:MAX_PARAM_VAL_LENGTH]
-
-    walk(_plain(config), "")
-    return flat
+def git_commit(root: Path) -> str | None:
+    """The commit checked out at ``root``; ``None`` outside a git work tree or without git."""
+    return _git(Path(root), "rev-parse", "HEAD") or None
 
 
-def _log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
-    """Log params not yet on the run; returns ``{key: (logged, new)}`` for values that differ.
-
-    mlflow refuses to change a logged param, so a changed value (typically on resume) keeps the first
-    value as the param and records the new one in the tag ``sgexp.param_changed.<key>``.
-    """
-    existing = client.get_run(run_id).data.params
-    new = [Param(k, v) for k, v in params.items() if k not in existing]
-    changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
-    tags = [RunTag(_key(f"sgexp.param_changed.{k}"), v[:MAX_TAG_VAL_LENGTH]) for k, (_, v) in changed.items()]
-    for i in range(0, len(new), BATCH):
-        client.log_batch(run_id, params=new[i : i + BATCH])
-    for i in range(0, len(tags), BATCH):
-        client.log_batch(run_id, tags=tags[i : i + BATCH])
-    if changed:
-        log.warning("run %s: params kept at their first value, new values in sgexp.param_changed.*: %s",
-                    run_id, ", ".join(sorted(changed)))  # fmt: skip
-    return changed
+def git_dirty(root: Path) -> bool | None:
+    """Whether tracked files differ from ``HEAD`` (untracked files do not count); ``None`` if unknown."""
+    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no")
+    return None if status is None else bool(status)
 
 
 def _target(target: Target, run_id: str | None) -> tuple[MlflowClient, str] | None:
@@ -139,18 +101,18 @@ def log_run_context(
     if resolved is None:
         return None
     client, run_id = resolved
-    config = _plain(config)
+    config = to_plain(config)
     params = flatten_params(config)
-    meta = _plain(meta) if meta else None
+    meta = to_plain(meta) if meta else None
     for field, value in (meta or {}).items():
         if value is None or isinstance(value, bool | int | float | str):
-            key = _key(f"data.{field}")
+            key = mlflow_key(f"data.{field}")
             if key not in params:
                 params[key] = str(value)[:MAX_PARAM_VAL_LENGTH]
             elif params[key] != str(value)[:MAX_PARAM_VAL_LENGTH]:
-                params[_key(f"data.meta.{field}")] = str(value)[:MAX_PARAM_VAL_LENGTH]
+                params[mlflow_key(f"data.meta.{field}")] = str(value)[:MAX_PARAM_VAL_LENGTH]
     previous_tags = client.get_run(run_id).data.tags
-    changed = _log_params(client, run_id, params)
+    changed = log_params(client, run_id, params)
 
     first = not any(f.path == "config.yaml" for f in client.list_artifacts(run_id))
     if first or changed:
@@ -229,8 +191,6 @@ def log_image(
         return log_artifact_file(target, image, artifact_path, run_id=run_id)
     if not name:
         raise fail("name", name, "a file name such as 'step-0001000.png' is needed to log an array")
-    from PIL import Image
-
     with tempfile.TemporaryDirectory(prefix="sgexp-image-") as tmp:
         Image.fromarray(_to_uint8(image)).save(Path(tmp) / name, format="PNG")
         return log_artifact_file(target, Path(tmp) / name, artifact_path, run_id=run_id)

@@ -1,4 +1,4 @@
-"""Run directories: where a run continues, who may write to it, and how a checkpoint reaches the disk.
+"""Run directories: where a run lives, where it continues, who may write to it, and how a checkpoint reaches the disk.
 
 One rule for every entry point (``sgexp.train`` started by hand, re-run with the same command, requeued
 by SLURM with or without a signal; ``sgexp.evaluate``): **a run directory's state is its newest complete
@@ -15,21 +15,20 @@ or modification time (a requeue can leave an hpc checkpoint older than ``last.ck
   tensors without reading them, so finding the state of an XL/2 run (10 GB checkpoints) takes
   milliseconds. ``step-<N>`` file names are used only to skip files that cannot be newer than one already
   read; the answer is always a step read from inside a file.
-- One writer: ``RunLock`` (``<run_dir>/.lock``, O_EXCL, NFS-safe) names its holder (host, pid, SLURM job);
-  a second training on the same directory fails at once naming it, and a lock left by a dead process (same
-  host, pid gone; or an earlier run of the same SLURM job, i.e. a requeue) is taken over with a message.
+- One writer: ``RunLock`` (``sgexp.run_lock``) names its holder; a second training on the same directory
+  fails at once naming it, and a lock left by a dead process or an earlier run of the same SLURM job (a
+  requeue) is taken over with a message.
 """
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import socket
-import time
 import zipfile
 from dataclasses import dataclass
+from datetime import datetime
 from pathlib import Path
 from typing import Any
 
@@ -37,11 +36,11 @@ import torch
 
 from sgexp.checks import fail
 from sgexp.models.dit import DiTConfig
+from sgexp.run_lock import RunDirectoryBusy, RunLock, slurm_job  # noqa: F401  (part of a run directory's API)
 
 log = logging.getLogger("sgexp.runs")
 
 CONFIG_KEY = "sgexp_config"  # the resolved training config, stored in every checkpoint (sgexp.lit.checkpointing)
-LOCK_FILE = ".lock"
 STEP_FILE = re.compile(r"step-(\d+)\.ckpt$")
 
 
@@ -56,6 +55,37 @@ class Checkpoint:
 
     def __str__(self) -> str:
         return f"{self.path} (step {self.global_step})"
+
+
+# --------------------------------------------------------------------------- where a run lives
+
+
+def resolve_paths(cfg: Any) -> tuple[Path, Path | None]:
+    """(run directory, checkpoint file named by ``resume=`` or None) of a training config.
+
+    A resumed run (``resume``: a checkpoint or a run directory) keeps its run directory, so it finds its
+    checkpoints and MLflow run again. Otherwise: ``paths.run_dir`` (``sgexp.slurm`` fixes it at submission),
+    else ``<runs_dir>/<experiment>/slurm-<job id>`` in a SLURM job (all ranks and requeues must agree,
+    which a timestamp would not), else ``<runs_dir>/<experiment>/<timestamp>``.
+    """
+    ckpt = None
+    if cfg.resume:
+        target = Path(cfg.resume).expanduser().resolve()
+        if target.is_dir():
+            run_dir = target
+        elif target.is_file():
+            ckpt, run_dir = target, run_dir_of(target)
+        else:
+            raise fail("resume", cfg.resume, "no such checkpoint file or run directory")
+        if cfg.paths.run_dir and Path(cfg.paths.run_dir).resolve() != run_dir:
+            raise fail("paths.run_dir", cfg.paths.run_dir, f"resume uses the run directory {run_dir}")
+    elif cfg.paths.run_dir:
+        run_dir = Path(cfg.paths.run_dir).resolve()
+    elif job := slurm_job():
+        run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / f"slurm-{job}"
+    else:
+        run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / datetime.now().strftime("%Y%m%d-%H%M%S")
+    return run_dir, ckpt
 
 
 # --------------------------------------------------------------------------- reading
@@ -175,121 +205,6 @@ def remove_partial_saves(run_dir: Path) -> list[Path]:
     for path in partial:
         path.unlink(missing_ok=True)
     return partial
-
-
-# --------------------------------------------------------------------------- one writer
-
-
-class RunDirectoryBusy(RuntimeError):
-    """Another live process trains in this run directory."""
-
-
-def _slurm_job() -> str | None:
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    if array:
-        return f"{array}_{os.environ.get('SLURM_ARRAY_TASK_ID', '')}"
-    return os.environ.get("SLURM_JOB_ID")
-
-
-def describe_holder(holder: dict[str, Any]) -> str:
-    """'pid 123 on node7 (SLURM job 42) since 2026-12-01 10:00:00'."""
-    job = f" (SLURM job {holder['slurm_job']})" if holder.get("slurm_job") else ""
-    return f"pid {holder.get('pid')} on {holder.get('host')}{job} since {holder.get('since')}"
-
-
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:
-        return True
-    return True
-
-
-class RunLock:
-    """``<run_dir>/.lock``: one training process (global rank zero) writes to a run directory at a time.
-
-    The file holds the holder as JSON (host, pid, SLURM job and restart, start time). It is created with
-    O_EXCL (atomic on local filesystems and NFS v3+). A lock whose holder is certainly gone is taken over
-    with a warning: same host and the pid is not running, or the same SLURM job with another
-    ``SLURM_RESTART_COUNT`` (a requeued job's earlier run: SLURM ended it before starting this one). A
-    holder on another host cannot be checked: the error says which file to delete if that process is gone.
-    """
-
-    def __init__(self, run_dir: str | Path):
-        self.path = Path(run_dir) / LOCK_FILE
-        self.held = False
-
-    def holder(self) -> dict[str, Any] | None:
-        try:
-            return json.loads(self.path.read_text())
-        except (OSError, ValueError):
-            return None
-
-    def _me(self) -> dict[str, Any]:
-        return {
-            "host": socket.gethostname(),
-            "pid": os.getpid(),
-            "slurm_job": _slurm_job(),
-            "slurm_restart": os.environ.get("SLURM_RESTART_COUNT"),
-            "since": time.strftime("%Y-%m-%d %H:%M:%S"),
-        }
-
-    def _stale(self, holder: dict[str, Any] | None) -> str | None:
-        """Why the holder is certainly gone, or None if it may be alive."""
-        if holder is None:  # empty or cut: its writer died between create and write, or it is being written
-            age = time.time() - self.path.stat().st_mtime if self.path.exists() else 0.0
-            return "unreadable lock file older than 10 s" if age > 10 else None
-        if holder.get("host") == socket.gethostname() and not _alive(int(holder.get("pid", -1))):
-            return f"pid {holder.get('pid')} is not running"
-        job, restart = _slurm_job(), os.environ.get("SLURM_RESTART_COUNT")
-        if job is not None and holder.get("slurm_job") == job and holder.get("slurm_restart") != restart:
-            return f"an earlier run of this SLURM job {job} (requeued)"
-        return None
-
-    def _create(self) -> bool:
-        """Create the lock file with our identity; False if it exists."""
-        try:
-            fd = os.open(self.path, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
-        except FileExistsError:
-            return False
-        with os.fdopen(fd, "w") as f:
-            f.write(json.dumps(self._me()))
-        return True
-
-    def acquire(self) -> RunLock:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        for _ in range(5):
-            if self._create():
-                self.held = True
-                return self
-            holder = self.holder()
-            why = self._stale(holder)
-            if why is not None:
-                log.warning("taking over the lock of %s: %s", self.path.parent, why)
-                self.path.unlink(missing_ok=True)
-            elif holder is None:
-                time.sleep(1.0)  # being written this very moment
-            else:
-                raise RunDirectoryBusy(
-                    f"run directory {self.path.parent} is in use by {describe_holder(holder)}: "
-                    f"one training per run directory. If that process is gone, delete {self.path}"
-                )
-        raise RunDirectoryBusy(f"could not take {self.path}: another process keeps creating it")
-
-    def release(self) -> None:
-        if self.held:
-            holder = self.holder()
-            if holder is None or (holder.get("pid") == os.getpid() and holder.get("host") == socket.gethostname()):
-                self.path.unlink(missing_ok=True)
-            self.held = False
-
-    def __enter__(self) -> RunLock:
-        return self.acquire()
-
-    def __exit__(self, *exc) -> None:
-        self.release()
 
 
 # --------------------------------------------------------------------------- same run?

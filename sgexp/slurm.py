@@ -1,10 +1,11 @@
-"""SLURM batch jobs: render an sbatch script, submit it, wait for it.
+"""SLURM batch jobs: render an sbatch script, submit it, wait for it; submit a training run (``launcher=slurm``).
 
 sgexp writes its own sbatch scripts instead of going through hydra-submitit-launcher: the script is a
 plain file kept in the run directory (read it, resubmit it by hand), the requeued job re-runs exactly that
-file with its fixed run directory, and SIGUSR1 is left to Lightning's ``SLURMEnvironment`` (submitit would
-install its own USR1 handler and pickle the training function instead). Training jobs are composed in
-``sgexp.train`` (``launcher=slurm``), sweep worker arrays in ``sgexp.sweeps.slurm``.
+file with its fixed run directory, and SIGUSR1 is handled by sgexp in step on all ranks (``sgexp.lit.stop``;
+submitit would install its own USR1 handler and pickle the training function instead). Training jobs are
+composed here (``submit_training``, called by ``python -m sgexp.train launcher=slurm``), sweep worker arrays
+in ``sgexp.sweeps.array``.
 
 What a job gets (``SbatchSpec``): nodes × tasks per node (one task per GPU, or per CPU process with
 ``gpus_per_node=0``: Lightning wants ``--ntasks-per-node`` = ``trainer.devices``), CPUs per task, memory,
@@ -15,17 +16,22 @@ extra ``#SBATCH`` lines and shell setup lines (``module load ...``).
 
 from __future__ import annotations
 
-import os
 import re
 import shlex
 import shutil
 import subprocess
+import sys
 import time
-from collections.abc import Sequence
-from dataclasses import dataclass, field
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass, field, fields
+from datetime import datetime
 from pathlib import Path
 
-from sgexp.checks import fail
+from omegaconf import DictConfig, OmegaConf
+
+from sgexp import runs, tracking
+from sgexp.checks import check_positive_int, fail
+from sgexp.config import LauncherConfig
 
 TIME_FORMAT = re.compile(r"^(\d+-)?\d+(:\d{1,2}){0,2}$")  # SLURM's [D-]HH[:MM[:SS]] or minutes
 
@@ -52,9 +58,7 @@ class SbatchSpec:
 
     def __post_init__(self) -> None:
         for name in ("nodes", "tasks_per_node", "cpus_per_task"):
-            value = getattr(self, name)
-            if isinstance(value, bool) or not isinstance(value, int) or value < 1:
-                raise fail(f"launcher.{name}", value, "must be an integer >= 1")
+            check_positive_int(f"launcher.{name}", getattr(self, name))
         if isinstance(self.gpus_per_node, bool) or not isinstance(self.gpus_per_node, int) or self.gpus_per_node < 0:
             raise fail("launcher.gpus_per_node", self.gpus_per_node, "must be an integer >= 0")
         if self.gpus_per_node and self.tasks_per_node != self.gpus_per_node:
@@ -65,8 +69,8 @@ class SbatchSpec:
             )
         if self.time is not None and not TIME_FORMAT.match(str(self.time)):
             raise fail("launcher.time", self.time, "must be SLURM time: minutes, HH:MM:SS or D-HH:MM:SS")
-        if self.signal_seconds is not None and (not isinstance(self.signal_seconds, int) or self.signal_seconds < 1):
-            raise fail("launcher.signal_seconds", self.signal_seconds, "must be a positive number of seconds or null")
+        if self.signal_seconds is not None:
+            check_positive_int("launcher.signal_seconds", self.signal_seconds)
 
     def header(self) -> list[str]:
         options = [
@@ -151,6 +155,60 @@ def wait(job_id: str, timeout: float, poll: float = 2.0, on_poll=None) -> None:
         time.sleep(poll)
 
 
-def inside_job() -> bool:
-    """True in a batch job or a step of one (not on a login node)."""
-    return "SLURM_JOB_ID" in os.environ
+# --------------------------------------------------------------------------- training jobs
+
+
+def training_spec(launcher: LauncherConfig, job_name: str) -> SbatchSpec:
+    """The job of ``launcher=slurm``: the launcher's fields of the same names, and one task per GPU
+    (``gpus_per_node``) or ``tasks_per_node`` CPU tasks on each node."""
+    shared = {f.name: getattr(launcher, f.name) for f in fields(SbatchSpec) if hasattr(launcher, f.name)}
+    shared["tasks_per_node"] = launcher.gpus_per_node or launcher.tasks_per_node
+    return SbatchSpec(job_name=job_name, **shared)
+
+
+def submit_training(
+    cfg: DictConfig, overrides: Sequence[str], prepare: Callable[[], None] | None = None
+) -> tuple[str, Path]:
+    """Submit the training ``cfg`` (``launcher=slurm``) as a batch job; returns (job id, run directory).
+
+    Cheap checks run here, on the login node, before anything is queued; then ``prepare`` (the caller's
+    once-only work: datasets and classifiers every rank would otherwise race to create). The run
+    directory is fixed now and passed to the job, so all ranks and every requeue of the job write to the
+    same place (and the same MLflow run, whose id lives there). The job re-runs ``python -m sgexp.train``
+    with ``overrides`` (the command line's), the run directory, the trainer's nodes × devices and
+    ``launcher.submitted=true``; the script stays in ``<run_dir>/slurm/train.sbatch`` with the job logs
+    ``<run_dir>/slurm/<job id>.out``.
+    """
+    launcher = OmegaConf.to_object(cfg.launcher) if isinstance(cfg.launcher, DictConfig) else cfg.launcher
+    spec = training_spec(launcher, f"sgexp-{cfg.experiment}")
+    require_sbatch()
+    root = Path(cfg.paths.root).resolve()
+    uri = tracking.tracking_uri_for(cfg.logger, root)
+    if uri is not None:
+        tracking.init_store(uri)
+    if prepare is not None:
+        prepare()
+    run_dir, _ = runs.resolve_paths(cfg)
+    job_dir = run_dir / "slurm"
+    job_dir.mkdir(parents=True, exist_ok=True)
+    spec.output = str(job_dir / "%j.out")
+    fixed = {
+        "paths.root": str(root),
+        "paths.run_dir": str(run_dir),
+        "launcher.submitted": "true",
+        "trainer.num_nodes": str(spec.nodes),
+        "trainer.devices": str(spec.tasks_per_node),
+        "trainer.accelerator": "gpu" if spec.gpus_per_node else "cpu",
+    }
+    if spec.nodes * spec.tasks_per_node > 1:
+        fixed["trainer.strategy"] = "ddp"
+    if not any(o.startswith("trainer.progress=") for o in overrides):
+        fixed["trainer.progress"] = "none"  # a live bar in a log file is noise; TrainingMonitor logs progress
+    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
+    command = [sys.executable, "-m", "sgexp.train", *kept, *(f"{k}={v}" for k, v in fixed.items())]
+    script = job_dir / "train.sbatch"
+    script.write_text(render(spec, command, workdir=Path.cwd(), setup=launcher.setup))
+    job_id = submit(script)
+    with open(job_dir / "jobs.txt", "a") as f:
+        f.write(f"{job_id} {datetime.now().isoformat(timespec='seconds')}\n")
+    return job_id, run_dir

@@ -8,37 +8,40 @@
   timeout, before any mlflow client call (mlflow itself retries HTTP for minutes).
 - Identity: ``open_run`` keeps the run id in ``<run_dir>/mlflow_run_id``, so a resumed or requeued
   training continues the same MLflow run instead of starting a new one.
-- What a run records (config, dataset meta, git commit, artifacts) lives in ``sgexp.run_record``.
+- Params: ``flatten_params`` and ``log_params`` turn a config into mlflow params and log them
+  idempotently (the Lightning logger's hyper-parameters and ``sgexp.run_record`` both use them).
+- What a run records (config, dataset meta, git commit, artifacts) lives in ``sgexp.run_record``,
+  which builds on this module (never the reverse).
 
 Nothing here touches mlflow's process-wide state (``mlflow.set_tracking_uri`` also writes the
 ``MLFLOW_TRACKING_URI`` environment variable): every call builds an ``MlflowClient`` for the URI it is
-given, and the Lightning logger returned by ``make_logger`` does the same. Only global rank zero
+given, and the Lightning logger of ``sgexp.lit.mlflow_logger`` does the same. Only global rank zero
 creates runs or logs; on other ranks the logger and the ``log_*`` helpers do nothing.
 """
 
 from __future__ import annotations
 
+import json
 import logging
 import os
 import re
 import ssl
-import subprocess
 import threading
 import time
 import urllib.error
 import urllib.request
-from argparse import Namespace
+from collections.abc import Mapping
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 from urllib.parse import unquote
 
-from lightning.pytorch.loggers import MLFlowLogger
-from lightning.pytorch.loggers.logger import rank_zero_experiment
-from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from mlflow.entities import RunTag
+import numpy as np
+from mlflow.entities import Param, RunTag
 from mlflow.exceptions import MlflowException
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
+from mlflow.utils.validation import MAX_ENTITY_KEY_LENGTH, MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
+from omegaconf import DictConfig, ListConfig, OmegaConf
 
 from sgexp.checks import fail
 
@@ -48,8 +51,6 @@ RUN_ID_FILE = "mlflow_run_id"
 BATCH = 100  # mlflow: at most 100 params or tags per log_batch
 ALLOWED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 _ALLOWED = f"allowed schemes: {', '.join(ALLOWED_SCHEMES)} (e.g. sqlite:////abs/runs/mlflow.db, http://127.0.0.1:5000)"
-
-Target = MlflowClient | MLFlowLogger
 
 
 # --------------------------------------------------------------------------- where runs live
@@ -181,28 +182,69 @@ def artifact_root_for(tracking_uri: str, artifact_root: str | None) -> str | Non
     return None if path is None else str(path.resolve().parent / "mlartifacts")
 
 
-# --------------------------------------------------------------------------- git
+# --------------------------------------------------------------------------- params
 
 
-def _git(root: Path, *args: str) -> str | None:
-    try:  # --no-optional-locks: never take index.lock in a tree somebody else is working in
-        out = subprocess.run(
-            ["git", "--no-optional-locks", *args], cwd=root, capture_output=True, text=True, timeout=10
-        )
-    except (OSError, subprocess.TimeoutExpired):
-        return None
-    return out.stdout.strip() if out.returncode == 0 else None
+def to_plain(value: Any) -> Any:
+    """Plain YAML/JSON types: resolved OmegaConf containers, lists for tuples, str for the rest."""
+    if isinstance(value, DictConfig | ListConfig):
+        value = OmegaConf.to_container(value, resolve=True)
+    if isinstance(value, Mapping):
+        return {str(k): to_plain(v) for k, v in value.items()}
+    if isinstance(value, list | tuple):
+        return [to_plain(v) for v in value]
+    if isinstance(value, np.generic):
+        return value.item()
+    if value is None or isinstance(value, bool | int | float | str):
+        return value
+    return str(value)
 
 
-def git_commit(root: Path) -> str | None:
-    """The commit checked out at ``root``; ``None`` outside a git work tree or without git."""
-    return _git(Path(root), "rev-parse", "HEAD") or None
+def mlflow_key(key: str) -> str:
+    """A valid mlflow key: letters, digits, ``_ - . / : space``; no empty or ``..`` path parts."""
+    key = re.sub(r"[^\w.\- :/]", "_", key).strip("/") or "_"
+    key = "/".join(part if part not in ("", ".", "..") else "_" for part in key.split("/"))
+    return key[:MAX_ENTITY_KEY_LENGTH]
 
 
-def git_dirty(root: Path) -> bool | None:
-    """Whether tracked files differ from ``HEAD`` (untracked files do not count); ``None`` if unknown."""
-    status = _git(Path(root), "status", "--porcelain", "--untracked-files=no")
-    return None if status is None else bool(status)
+def flatten_params(config: Mapping[str, Any], sep: str = ".") -> dict[str, str]:
+    """``{"a": {"b": 1, "c": [1, 2]}}`` -> ``{"a.b": "1", "a.c": "[1, 2]"}``.
+
+    Lists become JSON, other values ``str``; values are cut to mlflow's 6,000-character limit and keys
+    cleaned of characters mlflow refuses and cut to 250.
+    """
+    flat: dict[str, str] = {}
+
+    def walk(node: Any, key: str) -> None:
+        if isinstance(node, Mapping) and node:
+            for k, v in node.items():
+                walk(v, f"{key}{sep}{k}" if key else str(k))
+        elif key:
+            text = json.dumps(node, default=str) if isinstance(node, list | tuple) else str(node)
+            flat[mlflow_key(key)] = text[:MAX_PARAM_VAL_LENGTH]
+
+    walk(to_plain(config), "")
+    return flat
+
+
+def log_params(client: MlflowClient, run_id: str, params: Mapping[str, str]) -> dict[str, tuple[str, str]]:
+    """Log params not yet on the run; returns ``{key: (logged, new)}`` for values that differ.
+
+    mlflow refuses to change a logged param, so a changed value (typically on resume) keeps the first
+    value as the param and records the new one in the tag ``sgexp.param_changed.<key>``.
+    """
+    existing = client.get_run(run_id).data.params
+    new = [Param(k, v) for k, v in params.items() if k not in existing]
+    changed = {k: (existing[k], v) for k, v in params.items() if k in existing and existing[k] != v}
+    tags = [RunTag(mlflow_key(f"sgexp.param_changed.{k}"), v[:MAX_TAG_VAL_LENGTH]) for k, (_, v) in changed.items()]
+    for i in range(0, len(new), BATCH):
+        client.log_batch(run_id, params=new[i : i + BATCH])
+    for i in range(0, len(tags), BATCH):
+        client.log_batch(run_id, tags=tags[i : i + BATCH])
+    if changed:
+        kept = ", ".join(sorted(changed))
+        log.warning("run %s: params kept at their first value, new values in sgexp.param_changed.*: %s", run_id, kept)
+    return changed
 
 
 # --------------------------------------------------------------------------- run identity
@@ -305,67 +347,3 @@ def open_run(
     if run_tags:
         client.log_batch(run_id, tags=[RunTag(k, v) for k, v in run_tags.items()])
     return run_id
-
-
-# --------------------------------------------------------------------------- Lightning logger
-
-
-class SgexpMLFlowLogger(MLFlowLogger):
-    """``MLFlowLogger`` bound to a run made by ``open_run``.
-
-    Unlike the stock logger it never calls ``mlflow.set_tracking_uri`` (process-wide state that also
-    sets ``MLFLOW_TRACKING_URI`` for every later client and subprocess), never creates a run, and logs
-    hyper-parameters idempotently (a resumed run with a changed value gets a tag instead of a crash).
-    """
-
-    @property
-    @rank_zero_experiment
-    def experiment(self) -> MlflowClient:
-        if not self._initialized:
-            if self._run_id is None:
-                raise RuntimeError("SgexpMLFlowLogger needs a run id: build it with sgexp.tracking.make_logger")
-            self._experiment_id = self._mlflow_client.get_run(self._run_id).info.experiment_id
-            self._initialized = True
-        return self._mlflow_client
-
-    @rank_zero_only
-    def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
-        from sgexp.run_record import _log_params, _plain, flatten_params  # run_record imports this module
-
-        params = vars(params) if isinstance(params, Namespace) else params
-        _log_params(self.experiment, self.run_id, flatten_params(_plain(params), sep="/"))
-
-    @rank_zero_only
-    def finalize(self, status: str = "success") -> None:
-        """Ends the run even if nothing was logged (``open_run`` set it RUNNING)."""
-        if self._run_id is not None:
-            _ = self.experiment
-        super().finalize(status)
-
-
-def make_logger(
-    run_dir: Path,
-    tracking_uri: str,
-    experiment: str,
-    run_name: str,
-    artifact_root: str | None = None,
-    log_model: Literal[True, False, "all"] = False,
-    tags: dict[str, Any] | None = None,
-) -> SgexpMLFlowLogger:
-    """A Lightning ``MLFlowLogger`` for the run of ``run_dir`` (see ``open_run``).
-
-    Checks the URI on every rank (fails fast if a server is down); only global rank zero opens the
-    run, other ranks get a logger that Lightning keeps silent. ``log_model`` is Lightning's.
-    """
-    check_tracking_uri(tracking_uri)
-    run_id = None
-    if rank_zero_only.rank == 0:
-        run_id = open_run(run_dir, tracking_uri, experiment, run_name, artifact_root, tags)
-    return SgexpMLFlowLogger(
-        experiment_name=experiment,
-        run_name=run_name,
-        tracking_uri=tracking_uri,
-        log_model=log_model,
-        artifact_location=artifact_root_for(tracking_uri, artifact_root),
-        run_id=run_id,
-    )

@@ -18,19 +18,21 @@ import signal
 import sys
 import warnings
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import hydra
 import lightning as L
 import torch
+from hydra.core.hydra_config import HydraConfig
 from lightning.pytorch.plugins.environments import SLURMEnvironment
 from omegaconf import DictConfig, OmegaConf
+from rich.console import Console
 
 from sgexp import run_record, runs, slurm, tracking
-from sgexp.checks import fail
-from sgexp.config import register_configs
+from sgexp.checks import check_choice, fail
+from sgexp.config import OptimConfig, register_configs
 from sgexp.data import ShardDataModule, ensure_prepared
+from sgexp.data.prepare import BUILTIN
 from sgexp.lit.callbacks import TrainingMonitor
 from sgexp.lit.checkpointing import (
     AtomicCheckpointIO,
@@ -40,6 +42,7 @@ from sgexp.lit.checkpointing import (
     load_initial_weights,
 )
 from sgexp.lit.eval_callback import build_guided_eval, ensure_classifier
+from sgexp.lit.mlflow_logger import make_logger
 from sgexp.lit.module import FlowMatchingModule
 from sgexp.lit.stop import StopOnSignal, TrainingStopped
 from sgexp.models.dit import DiTConfig
@@ -47,7 +50,6 @@ from sgexp.models.routing import Route
 
 log = logging.getLogger("sgexp.train")
 CONFIG_DIR = str(Path(__file__).resolve().parents[1] / "configs")
-EMBEDDED_DATASETS = ("mnist5k", "digits")
 
 
 @dataclass
@@ -62,51 +64,27 @@ class TrainResult:
     stopped_by: int | None = None  # the signal that stopped training early (its checkpoint is `checkpoint`)
 
 
-def resolve_paths(cfg: DictConfig) -> tuple[Path, Path | None]:
-    """(run directory, checkpoint file named by ``resume=`` or None).
-
-    ``resume`` may name a checkpoint or a run directory; a resumed run keeps writing into its own run
-    directory, so it finds its checkpoints and its MLflow run again. Otherwise the run directory is
-    ``paths.run_dir`` if given, else ``<runs_dir>/<experiment>/<timestamp>``; inside a SLURM job that was
-    not submitted by sgexp (which fixes ``paths.run_dir`` at submission), ``<runs_dir>/<experiment>/
-    slurm-<job id>``: every rank and every requeue of the job must agree on it, which a timestamp would
-    not. Where in the run directory training continues is ``continue_from``'s business.
-    """
-    ckpt = None
-    if cfg.resume:
-        target = Path(cfg.resume).expanduser().resolve()
-        if target.is_dir():
-            run_dir = target
-        elif target.is_file():
-            ckpt, run_dir = target, runs.run_dir_of(target)
-        else:
-            raise fail("resume", cfg.resume, "no such checkpoint file or run directory")
-        if cfg.paths.run_dir and Path(cfg.paths.run_dir).resolve() != run_dir:
-            raise fail("paths.run_dir", cfg.paths.run_dir, f"resume uses the run directory {run_dir}")
-    elif cfg.paths.run_dir:
-        run_dir = Path(cfg.paths.run_dir).resolve()
-    elif slurm.inside_job():
-        job = os.environ.get("SLURM_ARRAY_JOB_ID")
-        job = f"{job}_{os.environ['SLURM_ARRAY_TASK_ID']}" if job else os.environ["SLURM_JOB_ID"]
-        run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / f"slurm-{job}"
-    else:
-        run_dir = Path(cfg.paths.runs_dir).resolve() / cfg.experiment / datetime.now().strftime("%Y%m%d-%H%M%S")
-    return run_dir, ckpt
+def prepare_data(cfg: DictConfig) -> Path:
+    """The dataset's directory; a built-in dataset (mnist5k, digits) is prepared on first use."""
+    if cfg.data.prepare and cfg.data.name in BUILTIN:
+        ensure_prepared(cfg.data.name, Path(cfg.data.root))
+    return Path(cfg.data.root) / cfg.data.name
 
 
 def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
-    """The network for this dataset: resolution, channels and classes come from meta.json."""
+    """The network for this dataset: resolution, channels and classes come from meta.json; ``model``'s
+    fields besides its name are ``DiTConfig`` fields of the same names."""
     spans = list(cfg.routing.spans)
     routes = "default" if spans == ["default"] else tuple(Route.parse(f"{s}@{cfg.routing.sparsity}") for s in spans)
+    model = OmegaConf.to_container(cfg.model, resolve=True)
     return DiTConfig.from_name(
-        cfg.model.name,
+        model.pop("name"),
         input_size=int(meta["resolution"]),
         in_channels=int(meta["channels"]),
         num_classes=int(meta["num_classes"]),
         routes=routes,
         train_sparsity=cfg.routing.sparsity,
-        class_dropout_prob=cfg.model.class_dropout_prob,
-        mlp_ratio=cfg.model.mlp_ratio,
+        **model,
     )
 
 
@@ -165,26 +143,14 @@ def run(cfg: DictConfig) -> TrainResult:
         if not source.is_file() and newest is None:
             raise fail("init_from", cfg.init_from, "no checkpoint file, nor a run directory with a checkpoint")
         cfg.init_from = str(newest.path if newest else source)
-    run_dir, named_ckpt = resolve_paths(cfg)
+    run_dir, named_ckpt = runs.resolve_paths(cfg)
 
-    # Cheap checks first: a bad tracking URI or dataset fails before any training.
-    tracking_uri = None
-    if cfg.logger.enabled:
-        tracking_uri = tracking.resolve_tracking_uri(cfg.logger.tracking_uri, root)
-        tracking.check_tracking_uri(tracking_uri)
-    data_dir = Path(cfg.data.root) / cfg.data.name
-    if cfg.data.prepare and cfg.data.name in EMBEDDED_DATASETS:
-        ensure_prepared(cfg.data.name, Path(cfg.data.root))
+    # Cheap checks first: a bad tracking URI, optimizer setting or dataset fails before any training.
+    tracking_uri = tracking.tracking_uri_for(cfg.logger, root)
+    optim: OptimConfig = OmegaConf.to_object(cfg.optim)  # checked in OptimConfig.__post_init__
+    data = OmegaConf.to_object(cfg.data)
     datamodule = ShardDataModule(
-        str(data_dir),
-        batch_size=cfg.data.batch_size,
-        num_workers=cfg.data.num_workers,
-        val_batch_size=cfg.data.val_batch_size,
-        hflip=cfg.data.hflip,
-        strict=cfg.data.strict,
-        shuffle_shards=cfg.data.shuffle_shards,
-        seed=cfg.seed,
-        max_steps=cfg.trainer.max_steps,
+        str(prepare_data(cfg)), **data.loader_args(), seed=cfg.seed, max_steps=cfg.trainer.max_steps
     )
     network = model_config(cfg, datamodule.meta)
     if cfg.init_from:
@@ -196,27 +162,13 @@ def run(cfg: DictConfig) -> TrainResult:
             for path in runs.remove_partial_saves(run_dir):
                 log.warning("removed %s, left by a checkpoint save that was killed", path)
         start = runs.continue_from(run_dir, named_ckpt, cfg.resume, config, network)
-        return _train(cfg, run_dir, start, datamodule, network, config, tracking_uri)
+        return _train(cfg, run_dir, start, datamodule, network, optim, config, tracking_uri)
 
 
-def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> TrainResult:
+def _train(cfg, run_dir, start, datamodule, network, optim, config, tracking_uri) -> TrainResult:
     root, data_dir, ckpt_dir = Path(cfg.paths.root), Path(cfg.data.root) / cfg.data.name, run_dir / "checkpoints"
     L.seed_everything(cfg.seed, workers=True)
-    o = cfg.optim
-    module = FlowMatchingModule(
-        network.to_dict(),
-        lr=o.lr,
-        betas=tuple(o.betas),
-        weight_decay=o.weight_decay,
-        warmup_steps=o.warmup_steps,
-        ema_decay=o.ema_decay,
-        ema_warmup=o.ema_warmup,
-        t_mean=o.t_mean,
-        t_std=o.t_std,
-        compile=o.compile,
-        seed=cfg.seed,
-        dataset=cfg.data.name,
-    )
+    module = FlowMatchingModule(network.to_dict(), optim, seed=cfg.seed, dataset=cfg.data.name)
 
     tags = {}
     if cfg.init_from and start is None:  # a fine-tuning run's first start; later starts resume it
@@ -227,7 +179,7 @@ def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> Tr
     logger = None
     if cfg.logger.enabled:
         run_name = cfg.logger.run_name or f"{cfg.experiment}/{run_dir.name}"
-        logger = tracking.make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name, tags=tags)
+        logger = make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name, tags=tags)
         run_record.log_run_context(
             logger, logger.run_id, config=config, meta=datamodule.meta, checkpoint_dir=ckpt_dir, root=root
         )
@@ -287,55 +239,21 @@ def _train(cfg, run_dir, start, datamodule, network, config, tracking_uri) -> Tr
     return result
 
 
-def submit(cfg: DictConfig, overrides: list[str]) -> tuple[str, Path]:
-    """Submit ``cfg`` as a SLURM batch job (``launcher=slurm``); returns (job id, run directory).
+def submit(cfg: DictConfig, overrides: list[str]) -> None:
+    """``launcher=slurm``: ``sgexp.slurm.submit_training`` writes and submits the batch job. The dataset and
+    the classifier of the in-training evaluation are prepared once here, on the login node, not by every
+    rank of the job."""
 
-    Cheap checks run here, on the login node, before anything is queued. The run directory is fixed now
-    and passed to the job, so all ranks and every requeue of the job write to the same place (and the
-    same MLflow run, whose id lives there). The job re-runs this command line with the run directory,
-    the trainer's nodes × devices and ``launcher.submitted=true``; the script stays in
-    ``<run_dir>/slurm/train.sbatch`` with the job logs ``<run_dir>/slurm/<job id>.out``.
-    """
-    lc = cfg.launcher
-    tasks = lc.gpus_per_node or lc.tasks_per_node
-    spec = slurm.SbatchSpec(
-        job_name=f"sgexp-{cfg.experiment}", nodes=lc.nodes, tasks_per_node=tasks, gpus_per_node=lc.gpus_per_node,
-        cpus_per_task=lc.cpus_per_task, mem=lc.mem, time=lc.time, partition=lc.partition, account=lc.account,
-        qos=lc.qos, signal_seconds=lc.signal_seconds, extra=list(lc.extra),
-    )  # fmt: skip
-    slurm.require_sbatch()
-    root = Path(cfg.paths.root).resolve()
-    if cfg.logger.enabled:
-        tracking.init_store(tracking.resolve_tracking_uri(cfg.logger.tracking_uri, root))
-    if cfg.data.prepare and cfg.data.name in EMBEDDED_DATASETS:  # once here, not by every rank
-        ensure_prepared(cfg.data.name, Path(cfg.data.root))
-        ensure_classifier(cfg.callbacks.guided_eval, Path(cfg.data.root) / cfg.data.name)
-    run_dir, _ = resolve_paths(cfg)
-    job_dir = run_dir / "slurm"
-    job_dir.mkdir(parents=True, exist_ok=True)
-    spec.output = str(job_dir / "%j.out")
-    fixed = {
-        "paths.root": str(root), "paths.run_dir": str(run_dir), "launcher.submitted": "true",
-        "trainer.num_nodes": str(lc.nodes), "trainer.devices": str(tasks),
-        "trainer.accelerator": "gpu" if lc.gpus_per_node else "cpu",
-    }  # fmt: skip
-    if lc.nodes * tasks > 1:
-        fixed["trainer.strategy"] = "ddp"
-    if not any(o.startswith("trainer.progress=") for o in overrides):
-        fixed["trainer.progress"] = "none"  # a live bar in a log file is noise; TrainingMonitor logs progress
-    kept = [o for o in overrides if o.split("=", 1)[0].lstrip("+~") not in fixed]
-    command = [sys.executable, "-m", "sgexp.train", *kept, *(f"{k}={v}" for k, v in fixed.items())]
-    script = job_dir / "train.sbatch"
-    script.write_text(slurm.render(spec, command, workdir=Path.cwd(), setup=list(lc.setup)))
-    job_id = slurm.submit(script)
-    with open(job_dir / "jobs.txt", "a") as f:
-        f.write(f"{job_id} {datetime.now().isoformat(timespec='seconds')}\n")
-    return job_id, run_dir
+    def prepare() -> None:
+        if cfg.data.prepare and cfg.data.name in BUILTIN:
+            ensure_classifier(cfg.callbacks.guided_eval, prepare_data(cfg))
+
+    job_id, run_dir = slurm.submit_training(cfg, overrides, prepare)
+    print(f"submitted SLURM job {job_id}: run directory {run_dir}")
+    print(f"  follow: tail -f {run_dir / 'slurm' / (job_id + '.out')}    queue: squeue -j {job_id}")
 
 
 def _print_summary(result: TrainResult) -> None:
-    from rich.console import Console
-
     console = Console()
     console.print(f"[bold]finished[/] at step {result.global_step}")
     console.print(f"  checkpoint   {result.checkpoint}")
@@ -355,14 +273,9 @@ def main() -> None:
 
     @hydra.main(version_base="1.3", config_path=CONFIG_DIR, config_name="train")
     def _main(cfg: DictConfig) -> None:
-        if cfg.launcher.name not in ("local", "slurm"):
-            raise ValueError(f"launcher.name={cfg.launcher.name!r} is invalid: allowed are local, slurm")
+        check_choice("launcher.name", cfg.launcher.name, ("local", "slurm"))
         if cfg.launcher.name == "slurm" and not cfg.launcher.submitted:
-            from hydra.core.hydra_config import HydraConfig
-
-            job_id, run_dir = submit(cfg, list(HydraConfig.get().overrides.task))
-            print(f"submitted SLURM job {job_id}: run directory {run_dir}")
-            print(f"  follow: tail -f {run_dir / 'slurm' / (job_id + '.out')}    queue: squeue -j {job_id}")
+            submit(cfg, list(HydraConfig.get().overrides.task))
             return
         try:
             result = run(cfg)

@@ -48,8 +48,10 @@ def files(tmp_path_factory) -> dict[str, Path]:
 def converted(files, tmp_path_factory) -> dict[str, Path]:
     """The DiT and SiT files converted (dense, no dataset): what a fine-tune would start from."""
     tmp = tmp_path_factory.mktemp("converted")
-    return {kind: convert(kind, files[kind], tmp / kind / "checkpoints" / "last.ckpt", num_heads=HEADS)
-            for kind in ("dit", "sit")}  # fmt: skip
+    return {
+        kind: convert(kind, files[kind], tmp / kind / "checkpoints" / "last.ckpt", num_heads=HEADS)
+        for kind in ("dit", "sit")
+    }
 
 
 @pytest.fixture(scope="module")
@@ -69,8 +71,22 @@ def test_convert_then_evaluate_a_tread_checkpoint(files, toy_latents, tmp_path):
     meta = read_meta(latents)
     assert (meta["format"], meta["num_classes"], meta["channels"], meta["resolution"]) == ("latent", CLASSES, 4, 8)
     ckpt = tmp_path / "runs" / "tread" / "checkpoints" / "last.ckpt"
-    argv = ["--from", "tread", "--checkpoint", str(files["tread"]), "--out", str(ckpt), "--num-heads", str(HEADS),
-            "--routes", "1:2@0.5", "--dataset", latents.name, "--data-dir", str(shards)]  # fmt: skip
+    argv = [
+        "--from",
+        "tread",
+        "--checkpoint",
+        str(files["tread"]),
+        "--out",
+        str(ckpt),
+        "--num-heads",
+        str(HEADS),
+        "--routes",
+        "1:2@0.5",
+        "--dataset",
+        latents.name,
+        "--data-dir",
+        str(shards),
+    ]
     assert convert_main(argv) == ckpt and ckpt.is_file()  # the shape check against meta.json passed
 
     overrides = [
@@ -105,8 +121,14 @@ def test_convert_then_evaluate_a_tread_checkpoint(files, toy_latents, tmp_path):
 
 def test_evaluate_refuses_an_epsilon_prediction_checkpoint(converted, tmp_path):
     ckpt = converted["dit"]
-    overrides = [f"checkpoint={ckpt}", f"paths.root={ROOT}", f"paths.runs_dir={tmp_path / 'runs'}",
-                 f"out_dir={tmp_path / 'eval'}", "logger.enabled=false", "device=cpu"]  # fmt: skip
+    overrides = [
+        f"checkpoint={ckpt}",
+        f"paths.root={ROOT}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        f"out_dir={tmp_path / 'eval'}",
+        "logger.enabled=false",
+        "device=cpu",
+    ]
     with pytest.raises(ValueError, match="epsilon-prediction network") as err:
         evaluate(compose_config("evaluate", overrides))
     message = str(err.value)

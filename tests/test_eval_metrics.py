@@ -33,6 +33,7 @@ from sgexp.eval import (
 )
 from sgexp.eval import features as features_module
 from sgexp.eval.metrics import RunningMoments, extract, metrics_from_features
+from sgexp.eval.scoring import choose_extractor, load_scoring
 
 
 @pytest.fixture(scope="module")
@@ -218,7 +219,7 @@ def test_bad_input_fails_clearly(tmp_path, digits, extractor, ref, splits):
     untrained = tmp_path / "digits"
     untrained.mkdir()
     shutil.copy(digits / "meta.json", untrained / "meta.json")
-    with pytest.raises(FileNotFoundError, match="python -m sgexp.eval train-classifier digits"):
+    with pytest.raises(FileNotFoundError, match="python -m sgexp.data classifier digits"):
         build_extractor("classifier", untrained)
     with pytest.raises(ValueError, match="1-channel images"):
         extractor(torch.zeros(2, 3, 8, 8, dtype=torch.uint8))
@@ -232,13 +233,32 @@ def test_bad_input_fails_clearly(tmp_path, digits, extractor, ref, splits):
 
 
 def test_cli(digits, trained, capsys):
-    from sgexp.eval.__main__ import main
+    from sgexp.data.__main__ import main
 
     main(["ref-stats", digits.name, "--root", str(digits.parent), "--extractor", "classifier", "--split", "val"])
     assert "classifier_val.npz: 180 images, dim 128" in capsys.readouterr().out
     with pytest.raises(SystemExit) as exit_info:
         main(["ref-stats", digits.name, "--root", str(digits.parent), "--extractor", "vgg"])
     assert exit_info.value.code == 2 and "name='vgg' is invalid" in capsys.readouterr().err
+
+
+def test_auto_means_the_datasets_classifier_else_the_entry_points_fallback(tmp_path, digits, trained, ref):
+    """One meaning of extractor=auto for sgexp.evaluate (falls back to Inception) and the training
+    callback (falls back to grids only)."""
+    assert choose_extractor("auto", digits) == choose_extractor("auto", digits, "none") == "classifier"
+    untrained = tmp_path / "digits"
+    untrained.mkdir()
+    shutil.copy(digits / "meta.json", untrained / "meta.json")
+    assert choose_extractor("auto", untrained) == "inception"
+    assert choose_extractor("auto", untrained, without_classifier="none") == "none"
+    assert choose_extractor("inception", digits, "none") == "inception"  # only auto falls back
+    with pytest.raises(ValueError, match="extractor='vgg' is invalid"):
+        choose_extractor("vgg", digits)
+    scoring = load_scoring("auto", digits, "train")
+    assert scoring.reference_name == "digits/train" and scoring.decode is None
+    np.testing.assert_array_equal(scoring.reference.mu, ref.mu)
+    grids_only = load_scoring("auto", untrained, "train", without_classifier="none")
+    assert grids_only.extractor is None and grids_only.reference is None
 
 
 # ----------------------------------------------------------------------------- Inception
@@ -300,8 +320,15 @@ def test_inception_plumbing_matches_cleanfid_with_a_stand_in_network(tmp_path, d
     torch.testing.assert_close(prepared, torch.stack([theirs[i] for i in range(12)]), rtol=0, atol=0)
 
     ours = inception(images)
-    reference = get_folder_features(str(folder), CleanFIDAdapter(inception), num_workers=0, batch_size=5,
-                                    device=torch.device("cpu"), mode="clean", verbose=False)  # fmt: skip
+    reference = get_folder_features(
+        str(folder),
+        CleanFIDAdapter(inception),
+        num_workers=0,
+        batch_size=5,
+        device=torch.device("cpu"),
+        mode="clean",
+        verbose=False,
+    )
     assert ours.shape == (12, 2048)
     np.testing.assert_allclose(ours.numpy(), reference, rtol=1e-5, atol=1e-5)
     assert ours.std(0).mean() > 1e-3  # the features do depend on the image

@@ -12,9 +12,12 @@ from pathlib import Path
 import pytest
 from conftest import ROOT, compose_config, compose_train, digits_run
 from mlflow.tracking import MlflowClient
+from omegaconf import OmegaConf
 
 from sgexp.data import ensure_prepared
 from sgexp.diffusion import Sampler, cfg, sparse_guidance
+from sgexp.diffusion.guidance import CrossingScheduleWarning
+from sgexp.eval.settings import make_settings
 from sgexp.evaluate import run as evaluate
 from sgexp.flops import sample_cost
 from sgexp.lit.module import FlowMatchingModule
@@ -28,7 +31,7 @@ def trained(tmp_path_factory):
     shards = tmp / "shards"
     ensure_prepared("digits", shards)
     subprocess.run(
-        [sys.executable, "-m", "sgexp.eval", "train-classifier", "digits", "--root", str(shards)],
+        [sys.executable, "-m", "sgexp.data", "classifier", "digits", "--root", str(shards)],
         check=True,
         cwd=ROOT,
         capture_output=True,
@@ -129,6 +132,28 @@ def test_bad_input_fails_before_sampling(trained, extra, error, match):
                 "evaluate", eval_overrides(tmp, shards, str(result.checkpoint), *extra, "logger.enabled=false")
             )
         )
+
+
+def test_gamma_is_a_number_or_a_cosine_schedule_unquoted():
+    """γ needs no quotes: a float from YAML (configs/guidance/sg.yaml) or the command line, or cosine:START:END."""
+    overrides = [
+        "guidance=[sg,sg_cosine]",
+        "+guidance.sg_cli={rule: sg, scale: 3.0, gamma_strong: 0.25, gamma_weak: cosine:0.9:0.6}",
+        "+guidance.quoted={rule: sg, scale: 3.0, gamma_strong: '0.5', gamma_weak: '0.9'}",
+    ]
+    cfg = compose_config("evaluate", overrides)
+    assert cfg.guidance.sg.gamma_strong == 0.5 and isinstance(cfg.guidance.sg.gamma_strong, float)  # from YAML
+    with pytest.warns(CrossingScheduleWarning):  # sg_cosine's schedules cross, as its YAML file says
+        built = {s.name: s.rule.to_dict() for s in make_settings(OmegaConf.to_container(cfg.guidance))}
+        assert built["sg_cosine"] == sparse_guidance(5.0, "cosine:0:0.6", "cosine:0.6:0").to_dict()
+    assert built["sg"] == sparse_guidance(5.0, 0.5, 0.9).to_dict()
+    assert built["quoted"] == sparse_guidance(3.0, 0.5, 0.9).to_dict()
+    assert built["sg_cli"] == sparse_guidance(3.0, 0.25, "cosine:0.9:0.6").to_dict()
+    too_sparse = compose_config("evaluate", ["guidance=[sg]", "guidance.sg.gamma_strong=1.5"])
+    with pytest.raises(ValueError, match=r"guidance.sg.gamma_strong=1.5 is invalid: sparsity"):
+        make_settings(OmegaConf.to_container(too_sparse.guidance))
+    with pytest.raises(ValueError, match=r"guidance.sg.gamma_weak='half' is invalid: expected a number"):
+        make_settings({"sg": {"rule": "sg", "gamma_weak": "half"}})
 
 
 def test_missing_checkpoint(tmp_path, trained):

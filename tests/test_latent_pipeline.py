@@ -97,8 +97,7 @@ def eval_overrides(tmp: Path, shards: Path, weights: Path, checkpoint: Path, *ex
 def test_training_on_latents_samples_decodes_and_scores_images(trained):
     tmp, shards, images, _, _, result = trained
     assert result.global_step == 4 and result.checkpoint.is_file()
-    model, module = load_ema(result.checkpoint, torch.device("cpu"))
-    config = module.config
+    config = load_ema(result.checkpoint, torch.device("cpu")).config
     assert (config.in_channels, config.input_size, config.num_classes) == (4, 8, 3)  # from the latents' meta.json
     rows = {row["setting"]: row for row in result.evaluations}
     assert set(rows) == {"none", "cfg", "sg"}
@@ -134,7 +133,7 @@ def test_inception_features_of_decoded_samples(trained):
     latents = shards / "toy_latents"
     inception = build_extractor("inception", latents, weights=str(weights))
     assert inception.in_channels == 3  # the decoded images' channels, from meta.json's `images`
-    model, module = load_ema(result.checkpoint, torch.device("cpu"))
+    model = load_ema(result.checkpoint, torch.device("cpu")).model
     vae = vae_for_dataset(read_meta(latents))
     setting = Setting("sg", sparse_guidance(1.5, 0.5, 0.9))
     args = ({"main": model}, Sampler("euler", 2), inception, 5, (4, 8, 8), 3)
@@ -166,8 +165,9 @@ def test_adm_reference_batch_and_a_moved_vae_are_loaded_before_sampling(trained,
         assert np.array_equal(ref.mu, z["mu"]) and np.array_equal(ref.sigma, z["sigma"])
     assert ref.features.shape == (8, 2048) and ref.split == "reference_batch" and "VIRTUAL_toy" in ref.dataset
     moved = shutil.copytree(vae, tmp_path / "elsewhere" / "vae")  # the recorded path may not exist elsewhere
-    overrides = eval_overrides(tmp, shards, weights, result.checkpoint, "extractor=inception", f"reference_batch={npz}",
-                               f"vae={moved}")  # fmt: skip
+    overrides = eval_overrides(
+        tmp, shards, weights, result.checkpoint, "extractor=inception", f"reference_batch={npz}", f"vae={moved}"
+    )
     evaluator = load_evaluator(compose_config("evaluate", overrides), None)
     assert evaluator.reference_name == str(npz) and np.array_equal(evaluator.reference.mu, ref.mu)
     assert evaluator.decode.source == str(moved.resolve()) and evaluator.metric == "FID (Inception)"
@@ -178,8 +178,16 @@ def test_evaluate_inception_fid_against_an_adm_reference_batch(trained, tmp_path
     """The whole Inception path; slow: the 2048-d Fréchet distance alone takes minutes on 2 busy cores."""
     tmp, shards, _, _, weights, result = trained
     npz = write_reference_batch(tmp_path / "VIRTUAL_toy_labeled.npz")
-    overrides = eval_overrides(tmp, shards, weights, result.checkpoint, "extractor=inception", f"reference_batch={npz}",
-                               "guidance=[sg]", f"out_dir={tmp_path / 'eval'}")  # fmt: skip
+    overrides = eval_overrides(
+        tmp,
+        shards,
+        weights,
+        result.checkpoint,
+        "extractor=inception",
+        f"reference_batch={npz}",
+        "guidance=[sg]",
+        f"out_dir={tmp_path / 'eval'}",
+    )
     results = evaluate(compose_config("evaluate", overrides))
     [row] = results["rows"]
     assert results["reference"] == str(npz) and results["metric"] == "FID (Inception)"
@@ -211,11 +219,17 @@ def test_decoding_with_other_vae_weights_fails_before_sampling(trained, tmp_path
 
 
 def test_experiments_match_the_paper_recipe():
-    for name, model, span in (("imagenet256_sit_xl2_tread", "SiT-XL/2", "2:24"), ("imagenet256_sit_b2_tread",
-                                                                                   "SiT-B/2", "2:8")):  # fmt: skip
+    for name, model, span in (
+        ("imagenet256_sit_xl2_tread", "SiT-XL/2", "2:24"),
+        ("imagenet256_sit_b2_tread", "SiT-B/2", "2:8"),
+    ):
         cfg = compose_train([f"experiment={name}"])
         assert (cfg.model.name, list(cfg.routing.spans), cfg.routing.sparsity) == (model, [span], 0.5)
         assert (cfg.data.name, cfg.data.global_batch_size, cfg.data.hflip) == ("imagenet256_latents", 256, True)
         assert (cfg.optim.lr, list(cfg.optim.betas), cfg.optim.weight_decay, cfg.optim.warmup_steps) == (
-            1e-4, [0.9, 0.999], 0.0, 0)  # fmt: skip
+            1e-4,
+            [0.9, 0.999],
+            0.0,
+            0,
+        )
         assert (cfg.optim.ema_decay, cfg.model.class_dropout_prob, cfg.trainer.precision) == (0.9999, 0.1, "bf16-mixed")

@@ -22,7 +22,11 @@ from conftest import ROOT, compose_train, digits_run
 from mlflow.tracking import MlflowClient
 
 from sgexp import runs
-from sgexp.train import run
+from sgexp.config import GuidedEvalConfig
+from sgexp.eval.evaluator import find_checkpoint
+from sgexp.lit.checkpointing import checkpoint_callbacks
+from sgexp.lit.eval_callback import GuidedSamplingEval
+from sgexp.train import build_trainer, run
 
 # --------------------------------------------------------------------------- atomic saves under SIGKILL
 
@@ -262,8 +266,6 @@ def test_a_failed_requeue_keeps_its_checkpoint_says_so_and_trains_on(tmp_path, s
 
 
 def test_evaluate_names_an_unusable_checkpoint_file(tmp_path):
-    from sgexp.eval.evaluator import find_checkpoint
-
     notes = tmp_path / "notes.ckpt"
     notes.write_text("not a checkpoint\n")
     with pytest.raises(
@@ -275,12 +277,8 @@ def test_evaluate_names_an_unusable_checkpoint_file(tmp_path):
 def test_the_stop_signal_is_looked_at_before_evaluation_and_checkpoints_of_a_step(tmp_path, shards):
     """Lightning runs batch-end hooks in callback order: a signal is honoured before the (long) guided
     evaluation and the periodic checkpoints of the same step, so SLURM's grace time is not used up."""
-    from sgexp.lit.checkpointing import checkpoint_callbacks
-    from sgexp.lit.eval_callback import GuidedSamplingEval
-    from sgexp.train import build_trainer
-
     cfg = compose_train(base(tmp_path, shards))
-    evaluation = GuidedSamplingEval(tmp_path / "samples", {"none": {"rule": "none"}})
+    evaluation = GuidedSamplingEval(GuidedEvalConfig(settings={"none": {"rule": "none"}}), tmp_path)
     checkpoints = checkpoint_callbacks(cfg.callbacks.checkpoint, tmp_path / "run" / "checkpoints")
     trainer = build_trainer(cfg, tmp_path / "run", None, [*checkpoints, evaluation])
     order = [type(c).__name__ for c in trainer.callbacks]

@@ -5,7 +5,7 @@
 2. SIGUSR1 to a running job: it checkpoints, is requeued, resumes in the same run directory and ends at the
    same global step, in the same MLflow run, with the same weights as the uninterrupted job of test 1.
    The same for a plain ``scontrol requeue`` without a signal first.
-3. ``sgexp.sweep --slurm-array 2 --wait``: two array jobs share one Optuna journal and log to a real
+3. ``sgexp.sweeps --slurm-array 2 --wait``: two array jobs share one Optuna journal and log to a real
    ``mlflow server``; every trial is run exactly once.
 
 One 2-task job fills this 2-core node, so jobs run one after another: every wait has a timeout.
@@ -70,14 +70,17 @@ def cluster(tmp_path_factory):
 
 def train_on_slurm(tmp: Path, shards: Path, *extra: str) -> tuple[str, Path]:
     """``python -m sgexp.train launcher=slurm ...`` as a user types it; returns (job id, run directory)."""
-    overrides = digits_run(
-        tmp, shards,
-        f"trainer.max_steps={STEPS}", "trainer.val_every_n_steps=60", "data.num_workers=1",
-        "callbacks.monitor_every_n_steps=5", "callbacks.checkpoint.every_n_steps=1000",
-        "callbacks.checkpoint.last_every_n_steps=50", "callbacks.guided_eval.train_classifier=false",
-        "launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1",
-        "launcher.time=10", *extra,
-    )  # fmt: skip
+    training = [
+        f"trainer.max_steps={STEPS}",
+        "trainer.val_every_n_steps=60",
+        "data.num_workers=1",
+        "callbacks.monitor_every_n_steps=5",
+        "callbacks.checkpoint.every_n_steps=1000",
+        "callbacks.checkpoint.last_every_n_steps=50",
+        "callbacks.guided_eval.train_classifier=false",
+    ]
+    launcher = ["launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2", "launcher.cpus_per_task=1"]
+    overrides = digits_run(tmp, shards, *training, *launcher, "launcher.time=10", *extra)
     done = subprocess.run(
         [sys.executable, "-m", "sgexp.train", *overrides], cwd=ROOT, capture_output=True, text=True, timeout=120
     )
@@ -196,18 +199,17 @@ def test_sweep_workers_as_a_job_array(cluster, uninterrupted):
     out = tmp / "sweep"
     out.mkdir()
     with mlflow_server(out) as server:
-        sets = [
-            f"checkpoint={checkpoint}", f"paths.root={ROOT}", f"paths.data_dir={shards}",
-            f"paths.runs_dir={out / 'runs'}", "sampler.steps=3", "batch_size=24", "grid_size=10",
-            "optuna.n_startup_trials=2", "heartbeat.interval=0.5", "heartbeat.timeout=20",
-        ]  # fmt: skip
+        paths = [f"paths.root={ROOT}", f"paths.data_dir={shards}", f"paths.runs_dir={out / 'runs'}"]
+        sampling = ["sampler.steps=3", "batch_size=24", "grid_size=10"]
+        search = ["optuna.n_startup_trials=2", "heartbeat.interval=0.5", "heartbeat.timeout=20"]
+        sets = [f"checkpoint={checkpoint}", *paths, *sampling, *search]
         args = ["--study", "sparsity_pareto", "--storage", str(out / "study.log"), "--tracking-uri", server["uri"]]
         args += ["--n-trials", "10", "--samples", "24", "--final-samples", "0"]
         args += ["--slurm-array", "2", "--slurm-args=--time=10", "--wait", "--wait-timeout", str(JOB_TIMEOUT)]
         for item in sets:
             args += ["--set", item]
         done = subprocess.run(
-            [sys.executable, "-m", "sgexp.sweep", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
+            [sys.executable, "-m", "sgexp.sweeps", *args], cwd=ROOT, capture_output=True, text=True, timeout=600
         )
         job_logs = "\n".join(p.read_text() for p in sorted((out / "runs/sweeps/sparsity_pareto/slurm").glob("*.out")))
         assert done.returncode == 0, done.stderr[-3000:] + job_logs[-3000:]

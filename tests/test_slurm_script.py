@@ -2,30 +2,36 @@
 
 from __future__ import annotations
 
+from dataclasses import replace
 from pathlib import Path
 
 import pytest
 from conftest import compose_train
+from omegaconf import OmegaConf
 
 from sgexp import slurm
-from sgexp.train import resolve_paths
+from sgexp.runs import resolve_paths
 
 
 def test_paper_job_script_four_nodes_of_eight_gpus(tmp_path):
     cfg = compose_train(["experiment=imagenet256_sit_xl2_tread", "launcher=slurm", "launcher.nodes=4"])
-    lc = cfg.launcher
-    spec = slurm.SbatchSpec(
-        job_name="sgexp-x", nodes=lc.nodes, tasks_per_node=lc.gpus_per_node, gpus_per_node=lc.gpus_per_node,
-        cpus_per_task=lc.cpus_per_task, time=lc.time, signal_seconds=lc.signal_seconds,
-        extra=["--constraint=h100", "#SBATCH --exclusive"],
-    )  # fmt: skip
+    spec = slurm.training_spec(OmegaConf.to_object(cfg.launcher), "sgexp-x")
+    spec = replace(spec, extra=["--constraint=h100", "#SBATCH --exclusive"])
     text = slurm.render(spec, ["python", "-m", "sgexp.train", "a=b c"], workdir=tmp_path, setup=["module load cuda"])
     header = [line for line in text.splitlines() if line.startswith("#SBATCH")]
     assert header == [
-        "#SBATCH --job-name=sgexp-x", "#SBATCH --nodes=4", "#SBATCH --ntasks-per-node=8", "#SBATCH --cpus-per-task=8",
-        "#SBATCH --gpus-per-node=8", "#SBATCH --time=2-00:00:00", "#SBATCH --signal=USR1@300", "#SBATCH --requeue",
-        "#SBATCH --open-mode=append", "#SBATCH --constraint=h100", "#SBATCH --exclusive",
-    ]  # fmt: skip
+        "#SBATCH --job-name=sgexp-x",
+        "#SBATCH --nodes=4",
+        "#SBATCH --ntasks-per-node=8",
+        "#SBATCH --cpus-per-task=8",
+        "#SBATCH --gpus-per-node=8",
+        "#SBATCH --time=2-00:00:00",
+        "#SBATCH --signal=USR1@300",
+        "#SBATCH --requeue",
+        "#SBATCH --open-mode=append",
+        "#SBATCH --constraint=h100",
+        "#SBATCH --exclusive",
+    ]
     lines = text.splitlines()
     assert lines.index("module load cuda") < len(lines) - 1
     assert lines[-1] == "srun --kill-on-bad-exit=1 python -m sgexp.train 'a=b c'"

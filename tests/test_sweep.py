@@ -1,4 +1,4 @@
-"""``python -m sgexp.sweep`` on a real (tiny) digits checkpoint: the study runs to its budget, resumes after
+"""``python -m sgexp.sweeps`` on a real (tiny) digits checkpoint: the study runs to its budget, resumes after
 a SIGKILL, shares its storage between workers, survives failing trials and refuses bad input before any
 trial. Real Optuna journal files, real MLflow sqlite stores, real sampling and FID."""
 
@@ -22,12 +22,12 @@ from omegaconf import OmegaConf
 from optuna.search_space import intersection_search_space
 from optuna.trial import TrialState
 
-from sgexp import sweep
 from sgexp.data import ensure_prepared
 from sgexp.eval import evaluator, train_classifier
-from sgexp.sweeps.config import frozen_config, load_study
+from sgexp.sweeps import cli
 from sgexp.sweeps.space import InSpaceSampler, SearchSpace, make_sampler
 from sgexp.sweeps.storage import STALE, Heartbeat, counts, last_beat, open_storage, reap_stale, release
+from sgexp.sweeps.study import frozen_config, load_study
 from sgexp.train import run as train
 
 REPORT_FILES = {"pareto.png", "pareto.html", "pareto.csv", "summary.json"}
@@ -59,10 +59,17 @@ def cli_args(trained, tmp: Path, *extra: str, n_trials: int = 9, samples: int = 
     """A tiny sparsity_pareto study (6 baselines + sampled SG points) in ``tmp``."""
     shards, result, tracking_uri = trained
     sets = [
-        f"checkpoint={result.checkpoint}", f"paths.root={ROOT}", f"paths.data_dir={shards}",
-        f"paths.runs_dir={tmp / 'runs'}", f"sampler.steps={steps}", "batch_size=48", "grid_size=10",
-        "optuna.n_startup_trials=2", "heartbeat.interval=0.5", "heartbeat.timeout=3",
-    ]  # fmt: skip
+        f"checkpoint={result.checkpoint}",
+        f"paths.root={ROOT}",
+        f"paths.data_dir={shards}",
+        f"paths.runs_dir={tmp / 'runs'}",
+        f"sampler.steps={steps}",
+        "batch_size=48",
+        "grid_size=10",
+        "optuna.n_startup_trials=2",
+        "heartbeat.interval=0.5",
+        "heartbeat.timeout=3",
+    ]
     args = ["--study", "sparsity_pareto", "--storage", str(tmp / "study.log")]
     args += ["--tracking-uri", tracking_uri, "--n-trials", str(n_trials)]
     args += ["--samples", str(samples), "--final-samples", str(2 * samples)]
@@ -80,7 +87,7 @@ def key(trial) -> str:
 
 
 def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, capsys):
-    summary = sweep.main(cli_args(trained, tmp_path))
+    summary = cli.main(cli_args(trained, tmp_path))
     study = load(tmp_path)
     trials = study.trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 9
@@ -88,8 +95,13 @@ def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, caps
     baselines = [t for t in trials if t.user_attrs["baseline"]]
     assert [t.number for t in baselines] == list(range(6))
     assert [(t.user_attrs["family"], t.user_attrs["scale"]) for t in baselines] == [
-        ("none", 1.0), ("cfg", 1.5), ("cfg", 2.0), ("cfg", 3.0), ("sg", 1.5), ("sg", 5.0)
-    ]  # fmt: skip
+        ("none", 1.0),
+        ("cfg", 1.5),
+        ("cfg", 2.0),
+        ("cfg", 3.0),
+        ("sg", 1.5),
+        ("sg", 5.0),
+    ]
     assert all(not t.params for t in baselines[:4]) and all(t.params for t in baselines[4:])
     for t in trials:
         a = t.user_attrs
@@ -125,19 +137,19 @@ def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, caps
     assert "Pareto set of sparsity_pareto" in out and "report:" in out and parent.info.run_id in out
 
     # Re-running the finished study redoes nothing and enqueues no baseline again.
-    sweep.main(cli_args(trained, tmp_path))
+    cli.main(cli_args(trained, tmp_path))
     assert len(load(tmp_path).trials) == 9
     with pytest.raises(ValueError, match=r"resuming with changed \['samples_per_trial'\]"):
-        sweep.main(cli_args(trained, tmp_path, "--samples", "30"))  # would mix incomparable FIDs
+        cli.main(cli_args(trained, tmp_path, "--samples", "30"))  # would mix incomparable FIDs
 
     # --report works from the storage alone.
-    summary = sweep.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
+    summary = cli.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
     assert {t.number for t in pareto_trials(summary["view"])} == {t.number for t in front}
 
 
 def test_resume_after_the_driver_is_killed_mid_trial(trained, tmp_path):
     args = cli_args(trained, tmp_path, "--final-samples", "0", n_trials=8, steps=12)
-    command = [sys.executable, "-m", "sgexp.sweep", *args]
+    command = [sys.executable, "-m", "sgexp.sweeps", *args]
     err_file = (tmp_path / "stderr.txt").open("w")  # a file, not a pipe: nobody reads it while we poll
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     proc = subprocess.Popen(command, cwd=ROOT, stdout=subprocess.DEVNULL, stderr=err_file, env=env)
@@ -164,7 +176,7 @@ def test_resume_after_the_driver_is_killed_mid_trial(trained, tmp_path):
     assert len(left) == 1  # left behind by the dead driver (usually ``killed``, unless it ended meanwhile)
     killed = left[0]
 
-    sweep.main(command[3:])  # the same command, resumed (in this process: one interpreter start less)
+    cli.main(command[3:])  # the same command, resumed (in this process: one interpreter start less)
     trials = load(tmp_path).trials
     dead = trials[killed]
     assert dead.state == TrialState.FAIL and dead.user_attrs["fail_reason"] == STALE and dead.user_attrs["requeued"]
@@ -178,7 +190,7 @@ def test_resume_after_the_driver_is_killed_mid_trial(trained, tmp_path):
 
 def test_two_workers_share_one_journal(trained, tmp_path):
     args = cli_args(trained, tmp_path, "--workers", "2", "--final-samples", "0", n_trials=10, steps=15)
-    sweep.main(args)  # spawns two worker processes
+    cli.main(args)  # spawns two worker processes
     trials = load(tmp_path).trials
     finished = [t for t in trials if t.state.is_finished()]
     assert 10 <= len(finished) <= 11 and all(t.state == TrialState.COMPLETE for t in finished)  # overshoot <= K-1
@@ -205,7 +217,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(trained, tmp_path, mo
     baselines = "[{rule: none}, {rule: none}, {rule: cfg, scale: 1.5}, {rule: sg, scale: 3, gamma_weak: '0.9'}]"
     storage = f"sqlite:///{tmp_path / 'study.db'}"  # an RDB storage this time
     args = ["--set", f"baselines={baselines}", "--final-samples", "0", "--storage", storage]
-    sweep.main(cli_args(trained, tmp_path, *args, n_trials=6))
+    cli.main(cli_args(trained, tmp_path, *args, n_trials=6))
     trials = optuna.load_study(study_name="sparsity_pareto", storage=storage).trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 2 + [TrialState.FAIL] * 2 + [TrialState.COMPLETE] * 2
     assert trials[0].values == trials[1].values  # the same setting on the same samples: the same FID
@@ -220,7 +232,7 @@ def test_failing_trials_are_recorded_and_the_study_goes_on(trained, tmp_path, mo
     "overrides,match",
     [
         (["space.sg.gamma_strong.high=1.0"], r"space.sg.gamma_strong=.* is invalid: sparsity"),
-        (["space.sg.scale.low=0.5"], r"space.sg.scale=.* is invalid: guidance scale w >= 1"),
+        (["space.sg.scale.low=0.5"], r"space.sg.scale=.* is invalid: guidance scale must be >= 1"),
         (["space.sg.scale.low=3", "space.sg.scale.high=2"], r"needs low < high"),
         (["space.sg.gamma_weak_max=0.5"], r"gamma_weak_max=0.5 is invalid"),
         (["space.sg.gamma_weak_fraction=null", "space.sg.gamma_weak={low: 0.1, high: 0.9}"], r"γ_s < γ_w"),
@@ -237,23 +249,23 @@ def test_invalid_study_fails_on_load(overrides, match):
 
 def test_bad_input_fails_before_any_trial(trained, tmp_path):
     with pytest.raises(ValueError, match=r"study='nope' is invalid: .*'cfg_scale', .*'sg_vs_cfg', 'sparsity_pareto'\]"):
-        sweep.main(["--study", "nope"])
+        cli.main(["--study", "nope"])
     (tmp_path / "a_file").write_text("")
     with pytest.raises(ValueError, match="storage=.* is invalid: cannot open the journal file"):
-        sweep.main(cli_args(trained, tmp_path, "--storage", str(tmp_path / "a_file" / "study.log")))
+        cli.main(cli_args(trained, tmp_path, "--storage", str(tmp_path / "a_file" / "study.log")))
     with pytest.raises(ValueError, match="storage='nosuchdb://x' is invalid: cannot open this database URL"):
-        sweep.main(cli_args(trained, tmp_path, "--storage", "nosuchdb://x"))
+        cli.main(cli_args(trained, tmp_path, "--storage", "nosuchdb://x"))
     with pytest.raises(FileNotFoundError, match="checkpoint='/no/such.ckpt' is invalid"):
-        sweep.main(cli_args(trained, tmp_path, "--set", "checkpoint=/no/such.ckpt"))
+        cli.main(cli_args(trained, tmp_path, "--set", "checkpoint=/no/such.ckpt"))
     assert optuna.get_all_study_names(open_storage(str(tmp_path / "study.log"))) == []
     with pytest.raises(ValueError, match="workers=0 is invalid"):
-        sweep.main(cli_args(trained, tmp_path, "--workers", "0"))
+        cli.main(cli_args(trained, tmp_path, "--workers", "0"))
     with pytest.raises(ValueError, match="--slurm-array=0 is invalid: the number of worker jobs"):
-        sweep.main(cli_args(trained, tmp_path, "--slurm-array", "0"))
+        cli.main(cli_args(trained, tmp_path, "--slurm-array", "0"))
     with pytest.raises(ValueError, match="--workers=2 is invalid with --slurm-array"):
-        sweep.main(cli_args(trained, tmp_path, "--slurm-array", "2", "--workers", "2"))
+        cli.main(cli_args(trained, tmp_path, "--slurm-array", "2", "--workers", "2"))
     with pytest.raises(ValueError, match="is not in .* which holds \\[\\]"):
-        sweep.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
+        cli.main(["--study", "sparsity_pareto", "--storage", str(tmp_path / "study.log"), "--report"])
 
 
 def test_space_parametrisation_and_sampler_view():
@@ -281,8 +293,8 @@ def test_space_parametrisation_and_sampler_view():
         trial = mixed.ask()
         family, setting = both.suggest(trial)
         families.add(family)
-        assert setting["rule"] == family and set(trial.params) == {"family", *(f"{family}/{k}" for k in
-                                                                             both.families[family].ranges)}  # fmt: skip
+        expected = {"family", *(f"{family}/{k}" for k in both.families[family].ranges)}
+        assert setting["rule"] == family and set(trial.params) == expected
         mixed.tell(trial, [1.0, 1.0])
     assert families == {"cfg", "sg"}
     assert load_study("cfg_scale").space.cfg.scale.high == 4.0
@@ -341,14 +353,22 @@ def test_fig6_ag_sg_grid_study_runs_the_whole_grid_and_logs_its_heatmap(trained,
     every cell once, the report draws the exact map and logs it to the study's MLflow parent run."""
     shards, result, tracking_uri = trained
     sets = [
-        f"checkpoint={result.checkpoint}", f"weak_checkpoint={result.checkpoint}", f"paths.root={ROOT}",
-        f"paths.data_dir={shards}", f"paths.runs_dir={tmp_path / 'runs'}", "sampler.steps=2", "batch_size=48",
-        "grid_size=0", "space.ag_sg.scale=null", "+space.ag_sg.fixed.scale=2.0", "baselines=[{rule: icg, scale: 2.0}]",
+        f"checkpoint={result.checkpoint}",
+        f"weak_checkpoint={result.checkpoint}",
+        f"paths.root={ROOT}",
+        f"paths.data_dir={shards}",
+        f"paths.runs_dir={tmp_path / 'runs'}",
+        "sampler.steps=2",
+        "batch_size=48",
+        "grid_size=0",
+        "space.ag_sg.scale=null",
+        "+space.ag_sg.fixed.scale=2.0",
+        "baselines=[{rule: icg, scale: 2.0}]",
         *[f"space.ag_sg.{key}={{low: 0.0, high: 0.8, step: 0.8}}" for key in ("gamma_strong", "gamma_weak")],
-    ]  # fmt: skip
+    ]
     args = ["--study", "fig6_ag_sg", "--storage", str(tmp_path / "study.log"), "--tracking-uri", tracking_uri]
     args += ["--n-trials", "5", "--samples", "16", *[a for s in sets for a in ("--set", s)]]
-    summary = sweep.main(args)
+    summary = cli.main(args)
     trials = load(tmp_path, "fig6_ag_sg").trials
     assert [t.state for t in trials] == [TrialState.COMPLETE] * 5
     icg = trials[0]  # the baseline, sampled end to end with a random class per sample on its weak branch
@@ -363,7 +383,7 @@ def test_fig6_ag_sg_grid_study_runs_the_whole_grid_and_logs_its_heatmap(trained,
     client = MlflowClient(tracking_uri)
     parent = load(tmp_path, "fig6_ag_sg").user_attrs["mlflow_parent_run_id"]
     assert "heatmaps_ag_sg.png" in {Path(f.path).name for f in client.list_artifacts(parent, "report")}
-    sweep.main(args)  # the grid is done: a re-run evaluates nothing again
+    cli.main(args)  # the grid is done: a re-run evaluates nothing again
     assert len(load(tmp_path, "fig6_ag_sg").trials) == 5
 
 

@@ -29,8 +29,16 @@ from sgexp.sweeps import report
 
 DENSE = 10.0  # GFLOPs/sample of one dense pass over all sampling steps
 ROUTE = 0.6  # fraction of a pass's FLOPs inside the route
-FILES = {"pareto.png", "pareto.html", "pareto.csv", "trials.csv", "hypervolume.csv", "hypervolume.png",
-         "heatmaps.png", "summary.json"}  # fmt: skip
+FILES = {
+    "pareto.png",
+    "pareto.html",
+    "pareto.csv",
+    "trials.csv",
+    "hypervolume.csv",
+    "hypervolume.png",
+    "heatmaps.png",
+    "summary.json",
+}
 DISTS = {
     "family": CategoricalDistribution(["none", "cfg", "sg", "cfg_sg"]),
     "scale": FloatDistribution(1.0, 10.0),
@@ -55,14 +63,30 @@ def synthetic_specs(sg_offset: float = 0.0, n_sg: int = 40) -> list[dict]:
         fid, gflops = round(fid, 4), round(gflops, 4)
         setting = {"family": family, **params}
         attrs = {
-            "family": family, "baseline": baseline, "setting": setting, "scale": params.get("scale", 1.0),
-            "gamma_strong": params.get("gamma_strong", 0.0), "gamma_weak": params.get("gamma_weak", 0.0),
-            "fid": fid, "precision": 0.7, "recall": 0.5, "gflops_per_sample": gflops,
-            "relative_to_cfg": gflops / (2 * DENSE), "seconds_per_sample": gflops / 1000, "num_samples": 1000,
-            "mlflow_run_id": f"run{len(specs)}", "worker": 0,
-        }  # fmt: skip
-        specs.append({"state": TrialState.COMPLETE, "values": [fid, gflops], "params": {"family": family, **params},
-                      "attrs": attrs})  # fmt: skip
+            "family": family,
+            "baseline": baseline,
+            "setting": setting,
+            "scale": params.get("scale", 1.0),
+            "gamma_strong": params.get("gamma_strong", 0.0),
+            "gamma_weak": params.get("gamma_weak", 0.0),
+            "fid": fid,
+            "precision": 0.7,
+            "recall": 0.5,
+            "gflops_per_sample": gflops,
+            "relative_to_cfg": gflops / (2 * DENSE),
+            "seconds_per_sample": gflops / 1000,
+            "num_samples": 1000,
+            "mlflow_run_id": f"run{len(specs)}",
+            "worker": 0,
+        }
+        specs.append(
+            {
+                "state": TrialState.COMPLETE,
+                "values": [fid, gflops],
+                "params": {"family": family, **params},
+                "attrs": attrs,
+            }
+        )
 
     add("none", 104.0, DENSE, baseline=True)
     for w in (1.25, 1.5, 2.0, 2.5, 3.0):  # CFG: cost grows with the guided fraction of the steps
@@ -76,8 +100,14 @@ def synthetic_specs(sg_offset: float = 0.0, n_sg: int = 40) -> list[dict]:
         fid = 42 + 120 * (gw - 0.8) ** 2 + 80 * (gs - 0.5) ** 2 + 40 / w + sg_offset
         add("sg", fid, DENSE * (2 - ROUTE * (gs + gw)), scale=w, gamma_strong=round(gs, 3), gamma_weak=round(gw, 3))
         if i % 10 == 3:  # a failed trial now and then
-            specs.append({"state": TrialState.FAIL, "values": None, "params": {"family": "sg"},
-                          "attrs": {"family": "sg", "fail_reason": "RuntimeError: out of memory"}})  # fmt: skip
+            specs.append(
+                {
+                    "state": TrialState.FAIL,
+                    "values": None,
+                    "params": {"family": "sg"},
+                    "attrs": {"family": "sg", "fail_reason": "RuntimeError: out of memory"},
+                }
+            )
     for gw in (0.5, 0.7):
         add("cfg_sg", 60 + 20 * gw, DENSE * (2 - ROUTE * gw), scale=1.5, gamma_strong=0.0, gamma_weak=gw)
 
@@ -97,8 +127,11 @@ def make_study(specs: list[dict], storage=None, name: str = "synthetic") -> optu
     study.set_user_attr("checkpoint", "runs/mnist_tread/x/checkpoints/last.ckpt")
     for s in specs:
         dists = {k: DISTS[k] for k in s["params"]}
-        study.add_trial(create_trial(state=s["state"], values=s["values"], params=s["params"], distributions=dists,
-                                     user_attrs=s["attrs"]))  # fmt: skip
+        study.add_trial(
+            create_trial(
+                state=s["state"], values=s["values"], params=s["params"], distributions=dists, user_attrs=s["attrs"]
+            )
+        )
     return study
 
 

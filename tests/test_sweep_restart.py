@@ -1,4 +1,4 @@
-"""Restart safety of ``python -m sgexp.sweep``: a setting that kills its worker is retried at most
+"""Restart safety of ``python -m sgexp.sweeps``: a setting that kills its worker is retried at most
 ``optuna.max_retries`` times, a journal cut by a crash stays usable, and concurrent commands on one study
 propose distinct points. Real processes, real SIGKILLs, real Optuna journal files; no mocks."""
 
@@ -21,9 +21,9 @@ from mlflow.tracking import MlflowClient
 from optuna.trial import TrialState
 from test_sweep import cli_args, key, load
 
-from sgexp import sweep
-from sgexp.sweeps.config import load_study
+from sgexp.sweeps import cli
 from sgexp.sweeps.storage import INTERRUPTED, STALE, counts, is_counted_fail, open_storage, reap_stale, release
+from sgexp.sweeps.study import load_study
 
 # The fixtures of tests/test_sweep.py: its tiny digits checkpoint (trained once for this module), one thread.
 trained, one_torch_thread = test_sweep.trained, test_sweep.one_torch_thread
@@ -92,7 +92,7 @@ def test_a_setting_that_kills_its_worker_fails_after_max_retries(trained, tmp_pa
     monkeypatch.setenv("SGEXP_TEST_KILL_SETTING", json.dumps(KILLED))  # inherited by the spawned workers
     extra = ["--workers", "3", "--final-samples", "0", "--set", "heartbeat.timeout=4", "--set", "optuna.max_retries=1"]
     started = time.monotonic()
-    sweep.main(cli_args(trained, tmp_path, *extra, n_trials=8))
+    cli.main(cli_args(trained, tmp_path, *extra, n_trials=8))
     trials = load(tmp_path).trials
     killed = [t for t in trials if {k: t.user_attrs["setting"].get(k) for k in KILLED} == KILLED]
     first, retry = killed
@@ -153,21 +153,21 @@ def test_cut_last_line_is_set_aside_and_a_bad_middle_line_is_named(tmp_path, cap
 
 def test_a_study_whose_journal_was_cut_resumes_and_reports(trained, tmp_path):
     args = cli_args(trained, tmp_path, "--final-samples", "0", n_trials=6)
-    sweep.main(args)
+    cli.main(args)
     journal = tmp_path / "study.log"
     cut = journal.read_bytes().splitlines(keepends=True)[-1][:25]
     with journal.open("ab") as f:
         f.write(cut)
-    sweep.main([*args, "--n-trials", "7"])  # the next command resumes (and appends)
+    cli.main([*args, "--n-trials", "7"])  # the next command resumes (and appends)
     assert Path(f"{journal}.corrupt").read_bytes() == cut + b"\n"
     assert [t.state for t in load(tmp_path).trials] == [TrialState.COMPLETE] * 7
     report = ["--study", "sparsity_pareto", "--storage", str(journal), "--report"]
-    assert sweep.main(report)["counts"]["complete"] == 7
+    assert cli.main(report)["counts"]["complete"] == 7
 
     lines = journal.read_bytes().splitlines(keepends=True)
     journal.write_bytes(b"".join([*lines[:9], b"\x00\x00\x00\n", *lines[9:]]))
     with pytest.raises(ValueError, match=rf"storage='{journal}' is invalid: line 10 of this Optuna journal"):
-        sweep.main(report)
+        cli.main(report)
 
 
 # --------------------------------------------------------------------------- concurrent commands
@@ -178,8 +178,8 @@ def test_two_commands_on_one_study_propose_distinct_points(trained, tmp_path):
     """Two shells running the same command on one journal at once: before process seeds, both were
     "worker 0" with seed 0 and proposed the same random startup points."""
     args = cli_args(trained, tmp_path, "--final-samples", "0", "--set", "optuna.n_startup_trials=50", n_trials=6)
-    sweep.main(args)  # the study and its 6 baselines, so that both commands start sampling at once
-    command = [sys.executable, "-m", "sgexp.sweep", *args, "--n-trials", "30"]  # enough for both to sample
+    cli.main(args)  # the study and its 6 baselines, so that both commands start sampling at once
+    command = [sys.executable, "-m", "sgexp.sweeps", *args, "--n-trials", "30"]  # enough for both to sample
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     logs = [(tmp_path / f"command{i}.txt").open("w") for i in range(2)]
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=f, stderr=subprocess.STDOUT, env=env) for f in logs]
@@ -210,7 +210,7 @@ def test_two_commands_starting_a_new_study_together_set_it_up_once(trained, tmp_
     """Both commands reach study setup at the same moment: the setup lock lets one create the study, its
     MLflow parent run and the baselines; the other resumes it (no baseline twice)."""
     args = cli_args(trained, tmp_path, "--final-samples", "0", n_trials=6)  # the 6 baselines only
-    command = [sys.executable, "-m", "sgexp.sweep", *args]
+    command = [sys.executable, "-m", "sgexp.sweeps", *args]
     env = {**os.environ, "OMP_NUM_THREADS": "1"}
     procs = [subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env)]
     procs.append(subprocess.Popen(command, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, env=env))

@@ -24,6 +24,7 @@ from omegaconf import OmegaConf
 from PIL import Image
 
 from sgexp import run_record, tracking
+from sgexp.lit.mlflow_logger import make_logger
 
 REPO = Path(__file__).resolve().parents[1]
 EXPERIMENT = "sgexp-test"
@@ -69,7 +70,7 @@ def train_config():
 def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> tuple[MlflowClient, str]:
     """Open, log, finish, read back, resume, log again: the checks every backend must pass."""
     cfg, meta = train_config()
-    logger = tracking.make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root, tags={"who": "t"})
+    logger = make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root, tags={"who": "t"})
     run_id = logger.run_id
     assert (run_dir / "mlflow_run_id").read_text().strip() == run_id
     changed = run_record.log_run_context(
@@ -96,7 +97,7 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     assert params["data.name"] == "mnist5k" and params["data.meta.name"] == "mnist5k-v2"  # config wins
     assert params["data.num_train"] == "4500" and params["data.resolution"] == "28" and "data.classes" not in params
     assert params["lr"] == "0.001" and params["network/depth"] == "4"  # Lightning hparams, its "/" keys
-    commit, dirty = tracking.git_commit(REPO), tracking.git_dirty(REPO)
+    commit, dirty = run_record.git_commit(REPO), run_record.git_dirty(REPO)
     assert tags["git.commit"] == (commit or "unknown")
     assert tags["git.dirty"] == ("unknown" if dirty is None else str(dirty).lower())
     assert tags["sgexp.run_dir"] == str(run_dir.resolve()) and tags["who"] == "t"
@@ -113,7 +114,7 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     # Resume / requeue: the same run, set running again; same context logs nothing new and does not crash.
     assert tracking.open_run(run_dir, uri, EXPERIMENT, "ignored", artifact_root) == run_id
     assert client.get_run(run_id).info.status == "RUNNING"
-    resumed = tracking.make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root)
+    resumed = make_logger(run_dir, uri, EXPERIMENT, "first", artifact_root=artifact_root)
     assert resumed.run_id == run_id
     assert run_record.log_run_context(resumed, None, config=cfg, meta=meta, root=REPO) == {}
     cfg.trainer.max_steps = 200
@@ -171,15 +172,15 @@ def test_sqlite_check_creates_the_database_directory(tmp_path):
 
 
 def test_git_commit():
-    commit = tracking.git_commit(REPO)
+    commit = run_record.git_commit(REPO)
     assert commit is None or re.fullmatch(r"[0-9a-f]{40}", commit)
-    assert tracking.git_dirty(REPO) in (True, False, None)
+    assert run_record.git_dirty(REPO) in (True, False, None)
     if commit is None:
-        assert tracking.git_dirty(REPO) is None
+        assert run_record.git_dirty(REPO) is None
 
 
 def test_git_outside_a_repository(tmp_path):
-    assert tracking.git_commit(tmp_path) is None and tracking.git_dirty(tmp_path) is None
+    assert run_record.git_commit(tmp_path) is None and run_record.git_dirty(tmp_path) is None
 
 
 def test_unreachable_server_fails_fast(tmp_path):
@@ -187,7 +188,7 @@ def test_unreachable_server_fails_fast(tmp_path):
     for call in (
         lambda: tracking.check_tracking_uri(uri),
         lambda: tracking.open_run(tmp_path / "run", uri, EXPERIMENT, "x"),
-        lambda: tracking.make_logger(tmp_path / "run", uri, EXPERIMENT, "x"),
+        lambda: make_logger(tmp_path / "run", uri, EXPERIMENT, "x"),
     ):
         start = time.monotonic()
         with pytest.raises(RuntimeError, match=re.escape(uri)) as e:
@@ -222,7 +223,7 @@ def test_a_web_server_that_is_not_mlflow_is_refused():
 
 
 def test_flatten_params():
-    flat = run_record.flatten_params({"a": {"b": 1, "c": [1, "x"], "d": {}}, "k/../e": True, "long": "y" * 9000})
+    flat = tracking.flatten_params({"a": {"b": 1, "c": [1, "x"], "d": {}}, "k/../e": True, "long": "y" * 9000})
     assert flat == {"a.b": "1", "a.c": '[1, "x"]', "a.d": "{}", "k/_/e": "True", "long": "y" * 6000}
 
 
@@ -269,7 +270,7 @@ def test_open_run_refuses_a_run_the_store_does_not_have(store, tmp_path):
 def test_other_ranks_do_not_create_or_log(store, tmp_path, monkeypatch):
     uri, artifact_root = store
     monkeypatch.setattr(rank_zero_only, "rank", 1)
-    logger = tracking.make_logger(tmp_path / "run", uri, EXPERIMENT, "r", artifact_root)
+    logger = make_logger(tmp_path / "run", uri, EXPERIMENT, "r", artifact_root)
     assert logger.run_id is None and not (tmp_path / "run" / "mlflow_run_id").exists()
     cfg, meta = train_config()
     assert run_record.log_run_context(logger, logger.run_id, config=cfg, meta=meta, root=REPO) is None
@@ -296,12 +297,17 @@ def test_trainer_fit_and_resume(store, tmp_path):
     run_dir = tmp_path / "run"
     run_ids = []
     for lr, steps in [(0.1, 3), (0.2, 6)]:
-        logger = tracking.make_logger(run_dir, uri, EXPERIMENT, "fit", artifact_root=artifact_root, log_model=True)
+        logger = make_logger(run_dir, uri, EXPERIMENT, "fit", artifact_root=artifact_root, log_model=True)
         trainer = L.Trainer(
-            max_steps=steps, logger=logger, default_root_dir=tmp_path, log_every_n_steps=1, limit_val_batches=0,
-            enable_progress_bar=False, enable_model_summary=False,
+            max_steps=steps,
+            logger=logger,
+            default_root_dir=tmp_path,
+            log_every_n_steps=1,
+            limit_val_batches=0,
+            enable_progress_bar=False,
+            enable_model_summary=False,
             callbacks=[L.pytorch.callbacks.ModelCheckpoint(dirpath=run_dir / "checkpoints", filename="last")],
-        )  # fmt: skip
+        )
         last = run_dir / "checkpoints" / "last.ckpt"
         trainer.fit(LoggingModel(lr), ckpt_path=last if last.exists() else None)
         run_ids.append(logger.run_id)

@@ -5,15 +5,19 @@ from __future__ import annotations
 import math
 import socket
 import time
+from dataclasses import asdict
 from pathlib import Path
 
+import lightning
 import pytest
 import torch
 from conftest import compose_train, digits_run
 from hydra.errors import ConfigCompositionException
 from mlflow.tracking import MlflowClient
 
+from sgexp.config import OptimConfig
 from sgexp.lit.module import FlowMatchingModule, NonFiniteLossError
+from sgexp.models.dit import DiTConfig
 from sgexp.train import run
 
 
@@ -137,3 +141,73 @@ def test_experiments_compose():
     assert xl.model.name == "SiT-XL/2" and list(xl.routing.spans) == ["2:24"] and xl.optim.lr == 1e-4
     assert xl.optim.ema_decay == 0.9999 and xl.trainer.precision == "bf16-mixed"
     assert list(compose_train(["experiment=mnist_dense"]).routing.spans) == []
+
+
+@pytest.mark.parametrize(
+    "kwargs,match",
+    [
+        (dict(lr=0.0), "optim.lr=0.0 is invalid"),
+        (dict(betas=[0.9]), "optim.betas=.* is invalid"),
+        (dict(betas=[0.9, 1.0]), "optim.betas=.* is invalid"),
+        (dict(warmup_steps=-1), "optim.warmup_steps=-1 is invalid"),
+        (dict(ema_decay=1.0), "optim.ema_decay=1.0 is invalid"),
+    ],
+)
+def test_bad_optimizer_settings_name_the_key(kwargs, match):
+    with pytest.raises(ValueError, match=match):
+        OptimConfig(**kwargs)
+
+
+def test_a_bad_optimizer_setting_fails_before_training(tmp_path, shards):
+    cfg = compose_train(digits_run(tmp_path, shards, "optim.lr=0", f"paths.run_dir={tmp_path / 'x'}"))
+    with pytest.raises(ValueError, match="optim.lr=0.0 is invalid"):
+        run(cfg)
+    assert not (tmp_path / "x").exists()
+
+
+def test_optim_config_makes_adamw_with_a_linear_warmup():
+    optim = OptimConfig(lr=1e-3, betas=(0.8, 0.99), weight_decay=0.1, warmup_steps=4)
+    made = optim.make_optimizer([torch.nn.Parameter(torch.zeros(2))])
+    optimizer, schedule = made["optimizer"], made["lr_scheduler"]["scheduler"]
+    assert isinstance(optimizer, torch.optim.AdamW) and made["lr_scheduler"]["interval"] == "step"
+    assert optimizer.defaults["betas"] == (0.8, 0.99) and optimizer.defaults["weight_decay"] == 0.1
+    rates = []
+    for _ in range(6):
+        rates.append(optimizer.param_groups[0]["lr"])
+        optimizer.step()
+        schedule.step()
+    assert rates == pytest.approx([2.5e-4, 5e-4, 7.5e-4, 1e-3, 1e-3, 1e-3])
+
+
+def test_checkpoints_load_with_plain_hparams_and_old_flat_optimizer_keys(tmp_path):
+    network = DiTConfig.from_name("SiT-Micro/2", input_size=8, in_channels=1, num_classes=10).to_dict()
+    optim = OptimConfig(lr=1e-3, betas=[0.9, 0.99], warmup_steps=5, ema_decay=0.99, ema_warmup=False)
+    module = FlowMatchingModule(network, optim, seed=3, dataset="digits")
+    assert module.hparams.model == network and module.hparams.dataset == "digits"
+    assert module.hparams.optim == asdict(optim) and FlowMatchingModule(network, asdict(optim)).optim == optim
+    state = {
+        "global_step": 0,
+        "pytorch-lightning_version": lightning.__version__,
+        "state_dict": module.state_dict(),
+        "hparams_name": "kwargs",
+        "hyper_parameters": dict(module.hparams),
+    }
+    torch.save(state, tmp_path / "new.ckpt")
+    # plain data only: torch's weights_only unpickler reads it
+    loaded = FlowMatchingModule.load_from_checkpoint(tmp_path / "new.ckpt", map_location="cpu", weights_only=True)
+    assert loaded.optim == optim and loaded.hparams.seed == 3 and loaded.hparams.dataset == "digits"
+
+    # written before the optimizer settings were grouped under `optim`
+    flat = {"lr": 1e-3, "betas": (0.9, 0.99), "weight_decay": 0.0, "warmup_steps": 5, "ema_decay": 0.99}
+    flat |= {"ema_warmup": False, "t_mean": 0.0, "t_std": 1.0, "compile": False}
+    old = {**state, "hyper_parameters": {"model": network, **flat, "seed": 3, "dataset": "digits"}}
+    torch.save(old, tmp_path / "old.ckpt")
+    loaded = FlowMatchingModule.load_from_checkpoint(tmp_path / "old.ckpt", map_location="cpu")
+    assert loaded.optim == optim and loaded.ema.decay == 0.99 and not loaded.ema.warmup
+    assert loaded.hparams.optim == asdict(optim) and "lr" not in loaded.hparams and loaded.hparams.seed == 3
+    weights = loaded.state_dict()
+    assert all(torch.equal(v, weights[k]) for k, v in module.state_dict().items())
+    with pytest.raises(TypeError, match="lrr"):
+        FlowMatchingModule(network, lrr=1e-3)
+    with pytest.raises(TypeError, match="give optim"):
+        FlowMatchingModule(network, optim, lr=1e-3)

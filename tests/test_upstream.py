@@ -12,6 +12,10 @@ from pathlib import Path
 import pytest
 import torch
 
+from sgexp import runs
+from sgexp.convert import convert
+from sgexp.convert import main as convert_main
+from sgexp.lit.module import FlowMatchingModule
 from sgexp.models import DiT, DiTConfig
 from sgexp.models.upstream import convert_state_dict, load_upstream, read_state_dict
 
@@ -201,20 +205,15 @@ def test_new_config_fields_keep_old_configs_and_checkpoints_working():
 
 @pytest.fixture(scope="module")
 def converted(tmp_path_factory):
-    from sgexp.convert import convert
-
     tmp = tmp_path_factory.mktemp("convert")
     _, _, (_, tread_file) = upstream_files(tmp)
-    out = convert("tread", tread_file, tmp / "run" / "checkpoints" / "last.ckpt", num_heads=HEADS,
-                  routes=["1:2@0.5"], dataset="toy", data_dir=tmp / "shards")  # fmt: skip
+    out = tmp / "run" / "checkpoints" / "last.ckpt"
+    out = convert("tread", tread_file, out, num_heads=HEADS, routes=["1:2@0.5"], dataset="toy", data_dir=tmp / "shards")
     return tmp, tread_file, out
 
 
 @torch.no_grad()
 def test_convert_writes_a_checkpoint_that_loads_and_reproduces_tread(converted):
-    from sgexp import runs
-    from sgexp.lit.module import FlowMatchingModule
-
     _, _, out = converted
     assert runs.open_checkpoint(out)["global_step"] == 0
     module = FlowMatchingModule.load_from_checkpoint(out, map_location="cpu")
@@ -227,8 +226,6 @@ def test_convert_writes_a_checkpoint_that_loads_and_reproduces_tread(converted):
 
 
 def test_convert_command_line_errors(converted, tmp_path, capsys):
-    from sgexp.convert import main
-
     tmp, tread_file, out = converted
     meta = tmp_path / "shards" / "digits" / "meta.json"
     meta.parent.mkdir(parents=True)
@@ -246,6 +243,6 @@ def test_convert_command_line_errors(converted, tmp_path, capsys):
         ),
     ]:
         with pytest.raises(SystemExit) as exit_info:
-            main(argv)
+            convert_main(argv)
         assert exit_info.value.code == 2 and message in capsys.readouterr().err, argv
     assert not (tmp_path / "x.ckpt").exists()

@@ -1,11 +1,28 @@
-"""``python -m sgexp.data prepare {mnist5k,digits,folder,latents} ...``: write shards + meta.json."""
+"""``python -m sgexp.data {prepare,classifier,ref-stats} ...``: datasets and what is stored with them.
+
+    python -m sgexp.data prepare mnist5k                     # -> data/shards/mnist5k (shards + meta.json)
+    python -m sgexp.data classifier mnist5k                  # -> data/shards/mnist5k/classifier.{pt,json}
+    python -m sgexp.data ref-stats mnist5k --extractor classifier --split train
+    python -m sgexp.data ref-stats imagenet256 --extractor inception --weights /models/inception-2015-12-05.pt
+
+``classifier`` trains the domain-FID classifier; ``ref-stats`` computes (or checks) the cached reference
+statistics of a split. DATASET is a name under ``--root`` (mnist5k and digits are prepared on demand).
+"""
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 
-from sgexp.data.prepare import DEFAULT_ROOT, command_line, prepare_digits, prepare_folder, prepare_mnist5k
+from sgexp.data.prepare import (
+    DEFAULT_ROOT,
+    command_line,
+    ensure_prepared,
+    prepare_digits,
+    prepare_folder,
+    prepare_mnist5k,
+)
 
 
 def main(argv: list[str] | None = None) -> None:
@@ -15,7 +32,9 @@ def main(argv: list[str] | None = None) -> None:
     common.add_argument("--shard-size", type=int, default=1000, help="max samples per shard (%(default)s)")
     common.add_argument("--force", action="store_true", help="rebuild even if meta.json exists")
 
-    parser = argparse.ArgumentParser(prog="python -m sgexp.data", description=__doc__)
+    parser = argparse.ArgumentParser(
+        prog="python -m sgexp.data", description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter
+    )
     commands = parser.add_subparsers(dest="command", required=True)
     prepare = commands.add_parser("prepare", help="write a dataset as WebDataset shards")
     datasets = prepare.add_subparsers(dest="dataset", required=True)
@@ -45,17 +64,51 @@ def main(argv: list[str] | None = None) -> None:
     latents.add_argument("--rank", type=int, default=None, help="this process's rank (default: torchrun's RANK)")
     latents.add_argument("--world-size", type=int, default=None, help="number of ranks (default: WORLD_SIZE)")
     latents.add_argument("--force", action="store_true", help="delete what OUT holds and encode from scratch")
+    stored = argparse.ArgumentParser(add_help=False)
+    stored.add_argument("dataset", help="dataset name under --root (mnist5k, digits, or one prepared from a folder)")
+    stored.add_argument("--root", default=DEFAULT_ROOT, help="root of the prepared datasets (%(default)s)")
+    stored.add_argument("--device", default="cpu", help="torch device (%(default)s)")
+    train = commands.add_parser("classifier", parents=[stored], help="train the domain-FID classifier")
+    train.add_argument("--epochs", type=int, default=12, help="training epochs (%(default)s)")
+    train.add_argument("--batch-size", type=int, default=64, help="(%(default)s)")
+    train.add_argument("--lr", type=float, default=2e-3, help="peak learning rate of the one-cycle schedule")
+    train.add_argument("--seed", type=int, default=0, help="(%(default)s)")
+    train.add_argument("--max-seconds", type=float, default=None, help="stop after the epoch crossing this time")
+    stats = commands.add_parser("ref-stats", parents=[stored], help="compute (or check) cached reference statistics")
+    stats.add_argument("--extractor", required=True, help="inception | classifier | mnist (= classifier on mnist5k)")
+    stats.add_argument("--split", default="train", choices=("train", "val"), help="(%(default)s)")
+    stats.add_argument("--weights", default=None, help="Inception weights file (inception-2015-12-05.pt)")
+    stats.add_argument("--batch-size", type=int, default=256, help="(%(default)s)")
+    stats.add_argument("--max-features", type=int, default=10000, help="raw features kept for precision/recall")
     args = parser.parse_args(argv)
 
     logging.basicConfig(level=logging.INFO, format="%(levelname)s %(name)s: %(message)s")
+    if args.command in ("classifier", "ref-stats"):
+        try:
+            stored_with_dataset(args)
+        except (ValueError, FileNotFoundError) as exn:
+            parser.exit(2, f"{parser.prog} {args.command}: error: {exn}\n")
+        return
     if args.dataset == "latents":
-        from sgexp.data.latents import prepare_latents
+        from sgexp.data.latents import prepare_latents  # torch loads only for this command (see below)
 
         try:
             out = prepare_latents(
-                args.images, args.vae, args.out, args.batch_size, args.flip, args.dtype, args.scale, args.vae_dtype,
-                args.workers, args.device, args.force, args.rank, args.world_size, command_line(),
-            )  # fmt: skip
+                args.images,
+                args.vae,
+                args.out,
+                args.batch_size,
+                args.flip,
+                args.dtype,
+                args.scale,
+                args.vae_dtype,
+                args.workers,
+                args.device,
+                args.force,
+                args.rank,
+                args.world_size,
+                command_line(),
+            )
         except (ValueError, FileNotFoundError) as exn:
             parser.error(str(exn))
         print(out)
@@ -79,6 +132,24 @@ def main(argv: list[str] | None = None) -> None:
     except ValueError as exn:
         parser.error(str(exn))
     print(out)
+
+
+def stored_with_dataset(args: argparse.Namespace) -> None:
+    """``classifier`` and ``ref-stats``: artefacts kept in the dataset's directory."""
+    # torch and the evaluation code load only for these commands: `prepare` on a prepared dataset stays instant
+    from sgexp.eval import build_extractor, reference_stats, stats_path, train_classifier
+
+    dataset_dir = ensure_prepared(args.dataset, args.root)
+    if args.command == "classifier":
+        info = train_classifier(
+            dataset_dir, args.epochs, args.batch_size, args.lr, args.seed, args.device, args.max_seconds
+        )
+        print(json.dumps(info, indent=2))
+        return
+    extractor = build_extractor(args.extractor, dataset_dir, args.device, args.weights)
+    ref = reference_stats(extractor, dataset_dir, args.split, args.device, args.batch_size, args.max_features)
+    path = stats_path(dataset_dir, extractor.name, args.split)
+    print(f"{path}: {ref.n} images, dim {len(ref.mu)}, {len(ref.features)} raw features, {ref.extractor}")
 
 
 if __name__ == "__main__":

@@ -4,9 +4,19 @@
     ref = reference_stats(extractor, "data/shards/mnist5k", split="train")  # cached in fid_stats/
     metrics = compute_metrics(extractor, samples_uint8, labels, ref)     # fid, precision, recall, ...
 
-Submodules are imported on first use (clean-fid pulls in scipy, torchvision and
-requests), so ``import sgexp.eval`` stays cheap. ``sgexp.eval.sampling`` is
-imported directly by its users.
+Modules, each importing only those before it:
+
+    classifier       the domain-FID classifier (train with ``python -m sgexp.data classifier DATASET``)
+    features         Inception and classifier feature extractors
+    metrics          FID, precision/recall, class accuracy, cached reference statistics
+    reference_batch  an ADM reference npz as reference statistics
+    scoring          which extractor, reference and decoder score a dataset (``auto``), loaded once
+    sampling         generate and score one guidance setting on one process or many
+    settings         config mappings of guidance settings -> validated ``Setting``s
+    evaluator        a checkpoint's EMA model(s) + scoring: ``load_evaluator`` (sgexp.evaluate, sweeps)
+
+Names below are imported on first use (clean-fid pulls in scipy, torchvision and
+requests), so ``import sgexp.eval`` stays cheap; the modules are imported directly too.
 """
 
 import importlib
@@ -14,7 +24,6 @@ import importlib
 _LAZY = {
     "FeatureExtractor": "sgexp.eval.features",
     "CleanFIDAdapter": "sgexp.eval.features",
-    "auto_extractor_name": "sgexp.eval.features",
     "build_extractor": "sgexp.eval.features",
     "inception_weights": "sgexp.eval.features",
     "SmallCNN": "sgexp.eval.classifier",
@@ -30,6 +39,10 @@ _LAZY = {
     "reference_stats": "sgexp.eval.metrics",
     "stats_path": "sgexp.eval.metrics",
     "load_reference_batch": "sgexp.eval.reference_batch",
+    "Scoring": "sgexp.eval.scoring",
+    "choose_extractor": "sgexp.eval.scoring",
+    "load_scoring": "sgexp.eval.scoring",
+    "make_settings": "sgexp.eval.settings",
 }
 
 __all__ = list(_LAZY)

@@ -37,6 +37,7 @@ import torch.nn.functional as F
 from torch import nn
 
 from sgexp.checks import check_positive_int, fail
+from sgexp.data import read_meta, read_split
 
 log = logging.getLogger("sgexp.eval.classifier")
 
@@ -149,8 +150,6 @@ def train_classifier(
     All randomness comes from ``seed`` inside ``torch.random.fork_rng``, so the
     caller's global RNG is untouched. Returns the sidecar's content.
     """
-    from sgexp.data import read_meta, read_split
-
     check_positive_int("epochs", epochs)
     check_positive_int("batch_size", batch_size)
     if not lr > 0:
@@ -169,8 +168,13 @@ def train_classifier(
     device = torch.device(device)
     log.info(
         "training the %s classifier: %d train / %d val images, %d epochs of %d steps, shifts of <= %d px",
-        meta["name"], len(x_train), len(x_val), epochs, steps_per_epoch, max_shift,
-    )  # fmt: skip
+        meta["name"],
+        len(x_train),
+        len(x_val),
+        epochs,
+        steps_per_epoch,
+        max_shift,
+    )
 
     start = time.perf_counter()
     with torch.random.fork_rng(devices=[]):
@@ -199,8 +203,12 @@ def train_classifier(
             elapsed = time.perf_counter() - start
             log.info(
                 "epoch %d/%d: loss %.4f, val accuracy %.4f (%.0f s)",
-                done, epochs, total_loss / steps_per_epoch, val_acc, elapsed,
-            )  # fmt: skip
+                done,
+                epochs,
+                total_loss / steps_per_epoch,
+                val_acc,
+                elapsed,
+            )
             if max_seconds is not None and elapsed > max_seconds and done < epochs:
                 log.warning("stopping after %d of %d epochs: max_seconds=%s reached", done, epochs, max_seconds)
                 break
@@ -247,7 +255,7 @@ def load_classifier(path: str | Path, meta: dict) -> SmallCNN:
             "classifier",
             str(path),
             f"was trained on (channels, resolution, classes)={got} but the dataset {meta['name']} has {want};"
-            f" retrain it with `python -m sgexp.eval train-classifier {meta['name']}`",
+            f" retrain it with `python -m sgexp.data classifier {meta['name']}`",
         )
     model = SmallCNN(config)
     model.load_state_dict(checkpoint["state_dict"])

@@ -4,21 +4,64 @@
 AutoGuidance's weak model), the feature extractor and its reference statistics the same
 way, through ``load_evaluator``; ``Evaluator.score`` returns one results row. A model
 trained on latents is scored on decoded images: the dataset's meta.json names the VAE.
+
+The network is read from the checkpoint file itself (``sgexp.runs.open_checkpoint``,
+memory-mapped): only the EMA weights are copied, never the optimizer state that makes
+up most of an XL/2 training checkpoint, and nothing of the training code is needed.
 """
 
 from __future__ import annotations
 
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
 
 import torch
 from omegaconf import DictConfig
 
 from sgexp import runs
 from sgexp.checks import fail
-from sgexp.eval.sampling import save_grid, score_setting
-from sgexp.lit.module import FlowMatchingModule
+from sgexp.diffusion.sampler import Sampler
+from sgexp.eval.features import FeatureExtractor
+from sgexp.eval.metrics import ReferenceStats
+from sgexp.eval.sampling import Setting, save_grid, score_setting
+from sgexp.eval.scoring import load_scoring
+from sgexp.eval.settings import make_settings
+from sgexp.models.dit import DiT, DiTConfig
+from sgexp.vae import LatentVAE
+
+# FlowMatchingModule (sgexp.lit.module) keeps the averaged network as ``self.ema.model``
+# (sgexp.lit.ema.EMA), so its weights are the state_dict entries under this prefix.
+EMA_PREFIX = "ema.model."
+
+
+@dataclass
+class EMANetwork:
+    """The averaged network of a training checkpoint, with what evaluation reads beside it."""
+
+    model: DiT
+    config: DiTConfig
+    step: int
+    dataset: str | None  # the prepared dataset it was trained on (its reference data)
+
+
+def load_ema(ckpt: Path, device: torch.device | str) -> EMANetwork:
+    """The EMA network of a training checkpoint, in eval mode on ``device``: one memory-mapped read."""
+    state = runs.open_checkpoint(ckpt, mmap=True)
+    hparams = state["hyper_parameters"]
+    config = DiTConfig.from_dict(dict(hparams["model"]))
+    if config.prediction != "velocity":  # samplers and guidance rules integrate a velocity field
+        raise ValueError(
+            f"checkpoint={str(ckpt)!r} is invalid: it holds a {config.prediction}-prediction network "
+            "(the official DiT, a DDPM model), which sgexp's flow samplers cannot use as is: fine-tune it first "
+            "(python -m sgexp.train experiment=... init_from=THIS_CHECKPOINT), then evaluate that run"
+        )
+    weights = {k.removeprefix(EMA_PREFIX): v for k, v in state["state_dict"].items() if k.startswith(EMA_PREFIX)}
+    with torch.device(device):  # initialise on the target device, then copy the mapped weights in
+        model = DiT(config)
+    model.load_state_dict(weights, strict=True)
+    model = model.to(device).eval().requires_grad_(False)
+    return EMANetwork(model, config, int(state["global_step"]), hparams.get("dataset"))
 
 
 def find_checkpoint(spec: str, runs_dir: Path, tracking_uri: str | None) -> Path:
@@ -38,7 +81,7 @@ def find_checkpoint(spec: str, runs_dir: Path, tracking_uri: str | None) -> Path
             )
         return _usable(found[-1], spec)
     if tracking_uri and len(spec) == 32 and all(ch in "0123456789abcdef" for ch in spec):
-        from mlflow.tracking import MlflowClient
+        from mlflow.tracking import MlflowClient  # mlflow takes seconds to import: only for a run id
 
         tags = MlflowClient(tracking_uri).get_run(spec).data.tags
         ckpt = Path(tags.get("sgexp.checkpoint_dir", "")) / "last.ckpt"
@@ -59,24 +102,13 @@ def _usable(ckpt: Path, spec: str) -> Path:
     return ckpt
 
 
-def load_ema(ckpt: Path, device: torch.device) -> tuple[torch.nn.Module, FlowMatchingModule]:
-    module = FlowMatchingModule.load_from_checkpoint(ckpt, map_location=device)
-    if module.config.prediction != "velocity":  # samplers and guidance rules integrate a velocity field
-        raise ValueError(
-            f"checkpoint={str(ckpt)!r} is invalid: it holds a {module.config.prediction}-prediction network "
-            "(the official DiT, a DDPM model), which sgexp's flow samplers cannot use as is: fine-tune it first "
-            "(python -m sgexp.train experiment=... init_from=THIS_CHECKPOINT), then evaluate that run"
-        )
-    return module.ema.model.to(device).eval(), module
-
-
-def check_weak_model(main, weak, ckpt: Path) -> None:
+def check_weak_model(main: DiTConfig, weak: DiTConfig, ckpt: Path) -> None:
     """AutoGuidance combines two predictions of the same quantity: shapes and classes must agree."""
     for key in ("input_size", "in_channels", "num_classes"):
-        if getattr(main.config, key) != getattr(weak.config, key):
+        if getattr(main, key) != getattr(weak, key):
             raise ValueError(
-                f"weak_checkpoint={str(ckpt)!r} is invalid: its {key}={getattr(weak.config, key)} differs from the "
-                f"main model's {getattr(main.config, key)}"
+                f"weak_checkpoint={str(ckpt)!r} is invalid: its {key}={getattr(weak, key)} differs from the "
+                f"main model's {getattr(main, key)}"
             )
 
 
@@ -85,32 +117,52 @@ class Evaluator:
     """The model(s), extractor and reference statistics, loaded once per process."""
 
     checkpoint: Path
+    step: int  # the checkpoint's global step
     dataset: str
-    models: dict
-    configs: dict
-    extractor: Any
-    reference: Any
-    sampler: Any
+    models: dict[str, DiT]  # "main", and "weak" for AutoGuidance
+    configs: dict[str, DiTConfig]
+    extractor: FeatureExtractor
+    reference: ReferenceStats
+    reference_name: str  # what the statistics are of, for reports
+    sampler: Sampler
     device: torch.device
     batch_size: int
-    decode: Any = None  # latents -> images in [-1, 1] (sgexp.vae.LatentVAE) for latent datasets
-    reference_name: str = ""  # what the statistics are of, for reports
+    decode: LatentVAE | None = None  # latents -> images in [-1, 1] for latent datasets
 
     @property
     def metric(self) -> str:
         return self.extractor.label
 
     def score(
-        self, name: str, setting: dict, num_samples: int, seed: int, grid: Path | None, grid_size: int, progress=None
+        self,
+        name: str,
+        setting: Mapping | Setting,
+        num_samples: int,
+        seed: int,
+        grid: Path | None,
+        grid_size: int,
+        progress: Callable[[int], None] | None = None,
     ) -> dict:
-        """One results row of ``score_setting``; ``row["grid"]`` is the saved sample grid, if any."""
-        from sgexp.lit.eval_callback import make_settings
+        """One results row of ``score_setting``; ``row["grid"]`` is the saved sample grid, if any.
 
-        [built] = make_settings({name: setting})
+        ``setting`` is a built ``Setting`` (``sgexp.evaluate`` validates all of them first) or
+        its mapping ``{rule, scale, gamma_strong, ...}`` (a sweep trial's point), built here."""
+        built = setting if isinstance(setting, Setting) else make_settings({name: setting})[0]
         row, images = score_setting(
-            built, self.models, self.configs, self.sampler, self.extractor, self.reference, num_samples,
-            seed, self.batch_size, self.device, self.decode, grid_size=grid_size if grid else 0, progress=progress,
-        )  # fmt: skip
+            built,
+            self.models,
+            self.configs,
+            self.sampler,
+            self.extractor,
+            self.reference,
+            num_samples,
+            seed,
+            self.batch_size,
+            self.device,
+            self.decode,
+            grid_size=grid_size if grid else 0,
+            progress=progress,
+        )
         if images is not None and grid is not None:
             row["grid"] = str(save_grid(images, grid, nrow=min(self.configs["main"].num_classes, 10, len(images))))
         return row
@@ -119,45 +171,44 @@ class Evaluator:
 def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
     """Load everything once, before any sampling: a missing checkpoint, classifier or
     Inception weights file fails here, not after an hour of work. ``cfg`` has the keys of
-    ``configs/evaluate.yaml`` (checkpoint, weak_checkpoint, device, paths, extractor, ...);
+    ``EvaluateConfig`` (checkpoint, weak_checkpoint, device, paths, extractor, ...);
     ``vae`` (where the dataset's VAE is, if not where meta.json says) and ``reference_batch``
     (an ADM reference npz instead of the dataset's statistics) are optional."""
-    from sgexp.data import read_meta
-    from sgexp.diffusion.sampler import Sampler
-    from sgexp.eval import build_extractor, reference_stats
-    from sgexp.eval.reference_batch import load_reference_batch
-
+    if cfg.extractor == "none":
+        raise fail("extractor", "none", "evaluation reports metrics: use auto, classifier or inception")
     auto = cfg.device == "auto"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.device)
     runs_dir = Path(cfg.paths.runs_dir)
     ckpt = find_checkpoint(cfg.checkpoint, runs_dir, tracking_uri)
-    model, module = load_ema(ckpt, device)
-    models, configs = {"main": model}, {"main": module.config}
+    main = load_ema(ckpt, device)
+    models, configs = {"main": main.model}, {"main": main.config}
     if cfg.weak_checkpoint:
         weak_ckpt = find_checkpoint(cfg.weak_checkpoint, runs_dir, tracking_uri)
-        models["weak"], weak = load_ema(weak_ckpt, device)
-        check_weak_model(module, weak, weak_ckpt)
-        configs["weak"] = weak.config
-    dataset = module.hparams.get("dataset")
-    if not dataset:
+        weak = load_ema(weak_ckpt, device)
+        check_weak_model(main.config, weak.config, weak_ckpt)
+        models["weak"], configs["weak"] = weak.model, weak.config
+    if not main.dataset:
         raise fail("checkpoint", str(ckpt), "it does not record its dataset (hparam 'dataset')")
-    data_dir = Path(cfg.paths.data_dir) / dataset
-    name = cfg.extractor
-    if name == "auto":
-        name = "classifier" if (data_dir / "classifier.pt").is_file() else "inception"
-    extractor = build_extractor(name, data_dir, device=device, weights=cfg.inception_weights)
-    decode = None
-    meta = read_meta(data_dir)
-    if meta.get("format") == "latent":
-        from sgexp.vae import vae_for_dataset
-
-        decode = vae_for_dataset(meta, cfg.get("vae"), device)
-    if cfg.get("reference_batch"):
-        reference = load_reference_batch(cfg.reference_batch, extractor, device=device)
-        reference_name = str(cfg.reference_batch)
-    else:
-        reference = reference_stats(extractor, data_dir, cfg.reference_split, device=device)
-        reference_name = f"{dataset}/{cfg.reference_split}"
-    sampler = Sampler(cfg.sampler.solver, cfg.sampler.steps)
-    return Evaluator(ckpt, dataset, models, configs, extractor, reference, sampler, device, cfg.batch_size, decode,
-                     reference_name)  # fmt: skip
+    scoring = load_scoring(
+        cfg.extractor,
+        Path(cfg.paths.data_dir) / main.dataset,
+        cfg.reference_split,
+        cfg.get("reference_batch"),
+        weights=cfg.inception_weights,
+        vae=cfg.get("vae"),
+        device=device,
+    )
+    return Evaluator(
+        checkpoint=ckpt,
+        step=main.step,
+        dataset=main.dataset,
+        models=models,
+        configs=configs,
+        extractor=scoring.extractor,
+        reference=scoring.reference,
+        reference_name=scoring.reference_name,
+        sampler=Sampler(cfg.sampler.solver, cfg.sampler.steps),
+        device=device,
+        batch_size=cfg.batch_size,
+        decode=scoring.decode,
+    )

@@ -25,8 +25,6 @@ import itertools
 import logging
 import os
 import platform
-import socket
-import threading
 import warnings
 from pathlib import Path
 from urllib.parse import urlparse
@@ -36,7 +34,10 @@ import torch
 from torch import nn
 
 from sgexp.checks import check_choice, fail
+from sgexp.data import read_meta
+from sgexp.data.latent_format import image_channels, image_dataset_dir
 from sgexp.eval.classifier import CHECKPOINT, file_sha256, load_classifier, normalise
+from sgexp.weights import internet_reachable
 
 log = logging.getLogger("sgexp.eval.features")
 
@@ -119,7 +120,7 @@ class InceptionExtractor(FeatureExtractor):
     prepared_channels = 3
 
     def __init__(self, path: str | Path, in_channels: int):
-        from cleanfid.resize import make_resizer
+        from cleanfid.resize import make_resizer  # clean-fid loads scipy, torchvision, requests: on use
 
         super().__init__(in_channels, f"{INCEPTION_FILE} sha256={file_sha256(path)} resize=clean-fid PIL bicubic 299")
         with warnings.catch_warnings():
@@ -211,28 +212,9 @@ def cleanfid_cache_dir() -> Path:
 
 
 def inception_url() -> str:
-    from cleanfid.downloads_helper import inception_url as url
+    from cleanfid.downloads_helper import inception_url as url  # clean-fid loads scipy, torchvision, requests: on use
 
     return url
-
-
-def internet_reachable(url: str, timeout: float = 3.0) -> bool:
-    """Whether ``url``'s host accepts a TCP connection within ``timeout`` s, DNS lookup included."""
-    host, answer = urlparse(url).hostname, []
-
-    def probe() -> None:
-        try:
-            socket.create_connection((host, 443), timeout=timeout).close()
-            answer.append(True)
-        except OSError:
-            answer.append(False)
-
-    # a thread bounds the DNS lookup too (socket timeouts do not); daemon, so that a lookup
-    # stuck past the timeout does not hold up the interpreter's exit
-    thread = threading.Thread(target=probe, daemon=True)
-    thread.start()
-    thread.join(timeout)
-    return bool(answer and answer[0])
 
 
 def inception_weights(weights: str | os.PathLike | None = None) -> Path:
@@ -254,7 +236,9 @@ def inception_weights(weights: str | os.PathLike | None = None) -> Path:
     if cached.is_file():
         return cached
     if internet_reachable(url):
-        from cleanfid.downloads_helper import check_download_inception
+        from cleanfid.downloads_helper import (
+            check_download_inception,
+        )  # clean-fid loads scipy, torchvision, requests: on use
 
         log.info("downloading %s from %s into clean-fid's cache %s", INCEPTION_FILE, url, cached.parent)
         try:
@@ -272,11 +256,6 @@ def inception_weights(weights: str | os.PathLike | None = None) -> Path:
 # ----------------------------------------------------------------------------- building
 
 
-def auto_extractor_name(dataset_dir: str | Path) -> str:
-    """``classifier`` (domain FID) where the dataset has a trained classifier, else ``inception``."""
-    return "classifier" if (Path(dataset_dir) / CHECKPOINT).is_file() else "inception"
-
-
 def build_extractor(
     name: str, dataset_dir: str | Path, device: str | torch.device = "cpu", weights: str | None = None
 ) -> FeatureExtractor:
@@ -286,11 +265,8 @@ def build_extractor(
     loads ``<dataset_dir>/classifier.pt`` (so a caller may pass it unconditionally).
     For a latent dataset the extractor takes the decoded images (their channels are in
     meta.json), and the classifier is the one of the image dataset it was encoded from.
-    Fails here, before any sampling, when weights are missing.
+    Fails here, before any sampling, when weights are missing. ``auto``: see ``sgexp.eval.scoring``.
     """
-    from sgexp.data import read_meta
-    from sgexp.data.latent_format import image_channels, image_dataset_dir
-
     check_choice("name", name, (*EXTRACTORS, *ALIASES))
     dataset_dir = Path(dataset_dir)
     meta = read_meta(dataset_dir)
@@ -311,7 +287,7 @@ def build_extractor(
         if not path.is_file():
             raise FileNotFoundError(
                 f"{path} does not exist: train the domain classifier first with"
-                f" `python -m sgexp.eval train-classifier {meta['name']} --root {dataset_dir.parent}` (about a minute"
+                f" `python -m sgexp.data classifier {meta['name']} --root {dataset_dir.parent}` (about a minute"
                 " on 2 CPU cores for mnist5k), or use the inception extractor"
             )
         extractor = ClassifierExtractor(path, meta)

@@ -30,8 +30,12 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from rich.progress import Progress
 
 from sgexp.checks import check_choice, check_positive_int, fail
+from sgexp.data import BadSamples, read_meta
+from sgexp.data.latent_format import image_dataset_dir
+from sgexp.data.shards import shard_urls, split_pipeline
 from sgexp.eval.features import FeatureExtractor
 
 log = logging.getLogger("sgexp.eval.metrics")
@@ -45,7 +49,7 @@ PR_SEED = 0  # subsets drawn for precision/recall: fixed, so that two evaluation
 
 def fid_from_features(fake_feats: np.ndarray, mu_ref: np.ndarray, sigma_ref: np.ndarray) -> float:
     """FID of raw features against reference (mu, sigma), exactly as clean-fid computes it."""
-    from cleanfid.fid import frechet_distance
+    from cleanfid.fid import frechet_distance  # clean-fid and scipy load on use (slow imports)
     from scipy.linalg import LinAlgWarning
 
     fake_feats = np.asarray(fake_feats)
@@ -107,8 +111,12 @@ def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch
 def _knn_sq_radii(feats: torch.Tensor, k: int, block: int) -> torch.Tensor:
     """Squared distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
     # kthvalue(k + 1): the point itself (distance ~0) is always the nearest
-    return torch.cat([_sq_distances(feats[i : i + block], feats)[0].kthvalue(k + 1, dim=1).values
-                      for i in range(0, len(feats), block)])  # fmt: skip
+    return torch.cat(
+        [
+            _sq_distances(feats[i : i + block], feats)[0].kthvalue(k + 1, dim=1).values
+            for i in range(0, len(feats), block)
+        ]
+    )
 
 
 def _coverage(points: torch.Tensor, centres: torch.Tensor, sq_radii: torch.Tensor, block: int) -> float:
@@ -224,8 +232,16 @@ def _save(stats: ReferenceStats, path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(f"{path.stem}.{os.getpid()}.tmp.npz")  # atomic: concurrent readers never see half a file
     with open(tmp, "wb") as f:
-        np.savez(f, mu=stats.mu, sigma=stats.sigma, features=stats.features, n=stats.n,
-                 extractor=stats.extractor, split=stats.split, dataset=stats.dataset)  # fmt: skip
+        np.savez(
+            f,
+            mu=stats.mu,
+            sigma=stats.sigma,
+            features=stats.features,
+            n=stats.n,
+            extractor=stats.extractor,
+            split=stats.split,
+            dataset=stats.dataset,
+        )
     os.replace(tmp, path)
 
 
@@ -244,10 +260,6 @@ def _compute(
     extractor: FeatureExtractor, dataset_dir: Path, meta: dict, split: str, batch_size: int, max_features: int
 ) -> ReferenceStats:
     """One streaming pass over the split: running moments + a fixed random subset of raw features."""
-    from rich.progress import Progress
-
-    from sgexp.data.shards import BadSamples, shard_urls, split_pipeline
-
     expected = meta[f"num_{split}"]
     keep = np.zeros(expected, dtype=bool)
     keep[np.random.default_rng(PR_SEED).choice(expected, min(max_features, expected), replace=False)] = True
@@ -264,8 +276,15 @@ def _compute(
             progress.advance(task, len(feats))
     if seen != expected or seen < 2:
         raise fail("dataset_dir", str(dataset_dir), f"the {split} split gave {seen} images, meta.json says {expected}")
-    return ReferenceStats(moments.mean, moments.cov, np.concatenate(subset), seen, extractor.identity, split,
-                          _dataset_identity(meta, split))  # fmt: skip
+    return ReferenceStats(
+        moments.mean,
+        moments.cov,
+        np.concatenate(subset),
+        seen,
+        extractor.identity,
+        split,
+        _dataset_identity(meta, split),
+    )
 
 
 def reference_stats(
@@ -281,9 +300,6 @@ def reference_stats(
     A latent dataset is scored against the real images it was encoded from (its image
     dataset, whose cache it shares), not against VAE reconstructions.
     """
-    from sgexp.data import read_meta
-    from sgexp.data.latent_format import image_dataset_dir
-
     check_choice("split", split, ("train", "val"))
     check_positive_int("batch_size", batch_size)
     check_positive_int("max_features", max_features)
@@ -300,8 +316,12 @@ def reference_stats(
         log.info("cached reference statistics %s are stale (%s): recomputing", path, why)
     log.info(
         "computing reference statistics for %s/%s with the %s extractor (%d images; cached afterwards in %s)",
-        meta["name"], split, extractor.name, meta[f"num_{split}"], path,
-    )  # fmt: skip
+        meta["name"],
+        split,
+        extractor.name,
+        meta[f"num_{split}"],
+        path,
+    )
     stats = _compute(extractor.to(device), dataset_dir, meta, split, batch_size, max_features)
     _save(stats, path)
     return stats
@@ -334,8 +354,11 @@ def metrics_from_features(
     if min(len(real), n) > 3:
         metrics["precision"], metrics["recall"] = precision_recall(real, features, k=3)
     else:
-        log.warning("precision/recall need more than 3 samples and reference features, got %d and %d: reported as nan",
-                    n, len(real))  # fmt: skip
+        log.warning(
+            "precision/recall need more than 3 samples and reference features, got %d and %d: reported as nan",
+            n,
+            len(real),
+        )
         metrics["precision"] = metrics["recall"] = float("nan")
     if logits is not None:
         probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
@@ -360,8 +383,12 @@ def compute_metrics(
     weights as ``extractor`` (``reference_stats`` with this extractor).
     """
     if ref.extractor != extractor.identity:
-        raise fail("ref", ref.extractor, f"was computed with other weights than this extractor ({extractor.identity})"
-                   "; get fresh statistics from reference_stats")  # fmt: skip
+        raise fail(
+            "ref",
+            ref.extractor,
+            f"was computed with other weights than this extractor ({extractor.identity})"
+            "; get fresh statistics from reference_stats",
+        )
     _check_labels(labels, len(fake_images_uint8))  # before the (possibly long) feature extraction
     classifies = extractor.num_classes is not None
     features, logits = extract(extractor.to(device), fake_images_uint8, batch_size, with_logits=classifies)

@@ -23,6 +23,7 @@ import torch.distributed as dist
 from sgexp.checks import check_positive_int
 from sgexp.diffusion.guidance import Guidance, cfg
 from sgexp.diffusion.sampler import Sampler, generate
+from sgexp.eval.metrics import metrics_from_features
 from sgexp.flops import sample_cost
 from sgexp.models.dit import DiTConfig
 
@@ -170,7 +171,7 @@ def cost_summary(
 
 def save_grid(images: torch.Tensor, path: Path, nrow: int) -> Path:
     """uint8 (B, C, H, W) -> PNG grid."""
-    from torchvision.utils import save_image
+    from torchvision.utils import save_image  # torchvision loads in seconds: only where grids are saved
 
     path.parent.mkdir(parents=True, exist_ok=True)
     save_image(images.float() / 255.0, path, nrow=nrow, padding=1)
@@ -218,8 +219,6 @@ def score_setting(
     row = {"setting": setting.name, **setting.rule.to_dict(), "solver": sampler.solver, "steps": sampler.num_steps}
     row.update(cost_summary(setting, configs, sampler, scored.seconds, num_samples))
     if extractor is not None and reference is not None:
-        from sgexp.eval.metrics import metrics_from_features
-
         row.update(metrics_from_features(scored.features, scored.logits, scored.labels, reference))
         row["metric"] = extractor.label
     return row, scored.grid

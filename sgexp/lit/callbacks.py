@@ -11,6 +11,7 @@ import time
 
 import lightning as L
 
+from sgexp.checks import check_positive_int
 from sgexp.models.dit import DiTConfig
 
 log = logging.getLogger(__name__)
@@ -43,7 +44,7 @@ class TrainingMonitor(L.Callback):
     """
 
     def __init__(self, every_n_steps: int = 50):
-        self.every_n_steps = every_n_steps
+        self.every_n_steps = check_positive_int("callbacks.monitor_every_n_steps", every_n_steps)
         self._t0: float | None = None
         self._images = 0
 

@@ -1,56 +1,51 @@
 """``GuidedSamplingEval``: score the EMA model under several guidance settings during training;
-``build_guided_eval`` makes it from the ``callbacks.guided_eval`` config."""
+``build_guided_eval`` makes it from the ``callbacks.guided_eval`` config (``sgexp.config.GuidedEvalConfig``)."""
 
 from __future__ import annotations
 
 import logging
-from collections.abc import Mapping
 from pathlib import Path
 
 import lightning as L
 import torch
 from omegaconf import DictConfig, OmegaConf
 
+from sgexp.checks import check_positive_int
+from sgexp.config import GuidedEvalConfig
 from sgexp.diffusion.sampler import Sampler
+from sgexp.eval.classifier import CHECKPOINT, train_classifier
+from sgexp.eval.features import ALIASES
 from sgexp.eval.sampling import Setting, save_grid, score_setting
-from sgexp.eval.settings import make_settings  # noqa: F401  (moved; re-exported until callers move)
+from sgexp.eval.scoring import Scoring, classifier_dataset, load_scoring
+from sgexp.eval.settings import make_settings
 
 log = logging.getLogger(__name__)
+CONFIG_KEY = "callbacks.guided_eval"
 
 
 class GuidedSamplingEval(L.Callback):
     """Every ``every_n_steps`` (if > 0) and at the end of training, for each setting:
     ``num_samples`` EMA samples on the same indices, metrics prefixed by the setting's
-    name (``eval/sg/fid``, ``eval/sg/gflops_per_sample``, ...) and a sample grid.
+    name (``eval/sg/fid``, ``eval/sg/gflops_per_sample``, ...) and a sample grid in
+    ``<run_dir>/samples``.
 
-    ``extractor`` is a built feature extractor with its ``reference`` statistics, or
-    None for grids and timing only (e.g. before the dataset's classifier is trained).
-    ``decode`` turns a latent model's samples into images in [-1, 1] (a
-    ``sgexp.vae.LatentVAE``, moved to the model's device) before features and grids.
+    ``scoring`` holds the feature extractor with its reference statistics (None, or an
+    extractor of None: grids and timing only, e.g. before the dataset's classifier is
+    trained) and the decoder of a latent model's samples (moved to the model's device).
     Sampling is spread over all ranks; rank 0 logs.
     """
 
-    def __init__(
-        self,
-        out_dir: str | Path,
-        settings: Mapping[str, Mapping],
-        extractor: torch.nn.Module | None = None,
-        reference=None,
-        num_samples: int = 500,
-        batch_size: int = 250,
-        num_steps: int = 40,
-        seed: int = 0,
-        grid_size: int = 100,
-        every_n_steps: int = 0,
-        decode=None,
-    ):
-        self.out_dir = Path(out_dir)
-        self.decode = decode
-        self.settings = make_settings(settings)
-        self.extractor, self.reference = extractor, reference
-        self.num_samples, self.batch_size, self.seed = num_samples, batch_size, seed
-        self.sampler = Sampler("euler", num_steps)
-        self.grid_size, self.every_n_steps = grid_size, every_n_steps
+    def __init__(self, cfg: GuidedEvalConfig | DictConfig, run_dir: str | Path, scoring: Scoring | None = None):
+        settings = cfg.settings
+        if isinstance(settings, DictConfig):
+            settings = OmegaConf.to_container(settings, resolve=True)
+        self.settings = make_settings(settings, prefix=f"{CONFIG_KEY}.settings")
+        self.num_samples = check_positive_int(f"{CONFIG_KEY}.num_samples", cfg.num_samples)
+        self.batch_size = check_positive_int(f"{CONFIG_KEY}.batch_size", cfg.batch_size)
+        self.seed, self.grid_size, self.every_n_steps = cfg.seed, cfg.grid_size, cfg.every_n_steps
+        self.sampler = Sampler("euler", cfg.num_steps)
+        self.out_dir = Path(run_dir) / "samples"
+        self.scoring = scoring or Scoring(None, None, "", None)
         self.rows: list[dict] = []
         self.grids: list[Path] = []
         self._last_step = -1
@@ -68,10 +63,11 @@ class GuidedSamplingEval(L.Callback):
         if step == self._last_step:  # already evaluated at this step
             return []
         self._last_step = step
-        if self.extractor is not None:
-            self.extractor.to(pl_module.device)
-        if self.decode is not None:
-            self.decode.to(pl_module.device)
+        extractor, decode = self.scoring.extractor, self.scoring.decode
+        if extractor is not None:
+            extractor.to(pl_module.device)
+        if decode is not None:
+            decode.to(pl_module.device)
         models, configs = {"main": pl_module.ema.model}, {"main": pl_module.config}
         rows = []
         for setting in self.settings:
@@ -80,13 +76,13 @@ class GuidedSamplingEval(L.Callback):
                 models,
                 configs,
                 self.sampler,
-                self.extractor,
-                self.reference,
+                extractor,
+                self.scoring.reference,
                 self.num_samples,
                 self.seed,
                 self.batch_size,
                 pl_module.device,
-                self.decode,
+                decode,
                 grid_size=self.grid_size,
             )
             row["step"] = step
@@ -119,51 +115,22 @@ class GuidedSamplingEval(L.Callback):
                 logger.experiment.log_artifact(logger.run_id, str(path), "samples")
 
 
-def ensure_classifier(g: DictConfig, data_dir: Path) -> None:
+def ensure_classifier(g: GuidedEvalConfig | DictConfig, data_dir: Path) -> None:
     """Train the dataset's classifier (domain FID) if the evaluation asks for it and it is missing."""
-    if g.train_classifier and g.extractor in ("auto", "classifier") and not (data_dir / "classifier.pt").is_file():
-        from sgexp.eval.classifier import train_classifier
+    if not g.train_classifier or ALIASES.get(g.extractor, g.extractor) not in ("auto", "classifier"):
+        return
+    images = classifier_dataset(data_dir)  # for latents: the image dataset they were encoded from
+    if images is not None and not (images / CHECKPOINT).is_file():
+        log.info("training the %s classifier for domain FID (once, cached with the dataset)", images.name)
+        train_classifier(images)
 
-        log.info("training the %s classifier for domain FID (once, cached with the dataset)", data_dir.name)
-        train_classifier(data_dir)
 
-
-def build_guided_eval(g: DictConfig, run_dir: Path, data_dir: Path) -> GuidedSamplingEval:
+def build_guided_eval(g: GuidedEvalConfig | DictConfig, run_dir: Path, data_dir: Path) -> GuidedSamplingEval:
     """The evaluation callback, with its feature extractor and reference statistics ready
     (computed now, not after hours of training). ``extractor=auto`` uses the dataset's own
     classifier when it has been trained, and otherwise produces grids and timings only."""
-    from sgexp.eval import build_extractor, reference_stats
-
     ensure_classifier(g, data_dir)
-    name = g.extractor
-    if name == "auto":
-        name = "classifier" if (data_dir / "classifier.pt").is_file() else "none"
-        if name == "none":
-            log.info(
-                "no classifier for %s (python -m sgexp.eval train-classifier %s): grids only", data_dir, data_dir.name
-            )
-    extractor = reference = None
-    if name != "none":
-        extractor = build_extractor(name, data_dir)
-        if g.reference_batch:  # an ADM reference npz instead of the dataset's own statistics
-            from sgexp.eval.reference_batch import load_reference_batch
-
-            reference = load_reference_batch(g.reference_batch, extractor)
-        else:
-            reference = reference_stats(extractor, data_dir, g.reference_split)
-    from sgexp.data import read_meta
-    from sgexp.vae import vae_for_dataset
-
-    return GuidedSamplingEval(
-        run_dir / "samples",
-        OmegaConf.to_container(g.settings, resolve=True),
-        extractor=extractor,
-        reference=reference,
-        num_samples=g.num_samples,
-        batch_size=g.batch_size,
-        num_steps=g.num_steps,
-        seed=g.seed,
-        grid_size=g.grid_size,
-        every_n_steps=g.every_n_steps,
-        decode=vae_for_dataset(read_meta(data_dir), g.vae),  # None unless the dataset holds latents
+    scoring = load_scoring(
+        g.extractor, data_dir, g.reference_split, g.reference_batch, vae=g.vae, without_classifier="none"
     )
+    return GuidedSamplingEval(g, run_dir, scoring)

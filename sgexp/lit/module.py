@@ -1,68 +1,78 @@
 """LightningModule: flow-matching training of a TREAD-routed DiT with EMA.
 
-The maths lives in ``sgexp.models`` and ``sgexp.diffusion``; this module only
-wires it to Lightning: the loss (routing on at γ_train, label dropout inside the
-label embedder), AdamW with linear warmup, the EMA copy used for validation and
-sampling, and the checks that stop a diverging run.
+The maths lives in ``sgexp.models`` and ``sgexp.diffusion``, the optimizer and its schedule in
+``sgexp.config.OptimConfig``; this module only wires them to Lightning: the loss (routing on at γ_train,
+label dropout inside the label embedder), the EMA copy used for validation and sampling, and the checks
+that stop a diverging run.
 """
 
 from __future__ import annotations
 
-from collections.abc import Sequence
+from collections.abc import Mapping
+from dataclasses import asdict, fields
+from typing import Any
 
 import lightning as L
 import torch
 
-from sgexp.checks import fail
+from sgexp.config import OptimConfig
 from sgexp.diffusion.flow import FlowMatching
 from sgexp.diffusion.seeds import index_seed
 from sgexp.lit.ema import EMA
 from sgexp.models.dit import DiT, DiTConfig
+
+OPTIM_FIELDS = tuple(f.name for f in fields(OptimConfig))
 
 
 class NonFiniteLossError(RuntimeError):
     """The loss became NaN or infinite; the last checkpoint on disk is the last good one."""
 
 
+def optim_config(optim: OptimConfig | Mapping[str, Any] | None, flat: Mapping[str, Any]) -> OptimConfig:
+    """``optim`` as an ``OptimConfig`` (None: the schema's defaults).
+
+    ``flat``: the optimizer settings of checkpoints written before they were grouped under ``optim``
+    (hyper-parameters ``lr=..., betas=..., ema_decay=...`` beside ``model``), folded in so that
+    ``load_from_checkpoint`` still rebuilds those runs with their own settings.
+    """
+    unknown = sorted(set(flat) - set(OPTIM_FIELDS))
+    if unknown:
+        raise TypeError(f"FlowMatchingModule got unexpected arguments {unknown}")
+    if flat and optim is not None:
+        raise TypeError(f"FlowMatchingModule got optim and the flat optimizer arguments {sorted(flat)}: give optim")
+    if isinstance(optim, OptimConfig):
+        return optim
+    return OptimConfig(**dict(optim or {}), **flat)
+
+
 class FlowMatchingModule(L.LightningModule):
     """Trains ``DiT(model)`` with the flow-matching objective.
 
-    Arguments are plain values (saved as hyper-parameters, so
-    ``FlowMatchingModule.load_from_checkpoint(path)`` rebuilds the network):
-    ``model`` is a ``DiTConfig.to_dict()``; ``lr``, ``betas``, ``weight_decay``
-    configure AdamW; the learning rate ramps linearly over ``warmup_steps`` and
-    then stays constant (the SG paper uses no schedule). ``dataset`` names the
-    prepared dataset it was trained on, so evaluation finds its reference data.
+    ``model`` is a ``DiTConfig.to_dict()``; ``optim`` an ``OptimConfig`` (or its fields as a mapping;
+    None: the defaults); ``seed`` seeds every training step (``step_generator``); ``dataset`` names the
+    prepared dataset it was trained on, so evaluation finds its reference data. The hyper-parameters are
+    stored as plain data (``optim`` as a dict), so ``FlowMatchingModule.load_from_checkpoint(path)``
+    rebuilds the network with torch's ``weights_only`` loading; ``**flat`` accepts the optimizer keys of
+    checkpoints written before ``optim`` was one argument (``optim_config``).
     """
 
     def __init__(
         self,
-        model: dict,
-        lr: float = 1e-4,
-        betas: Sequence[float] = (0.9, 0.999),
-        weight_decay: float = 0.0,
-        warmup_steps: int = 0,
-        ema_decay: float = 0.9999,
-        ema_warmup: bool = True,
-        t_mean: float = 0.0,
-        t_std: float = 1.0,
-        compile: bool = False,
+        model: Mapping[str, Any],
+        optim: OptimConfig | Mapping[str, Any] | None = None,
         seed: int = 0,
         dataset: str | None = None,
+        **flat: Any,
     ):
         super().__init__()
-        if not lr > 0:
-            raise fail("lr", lr, "must be > 0")
-        if len(betas) != 2 or not all(0.0 <= b < 1.0 for b in betas):
-            raise fail("betas", betas, "must be two numbers in [0, 1)")
-        if warmup_steps < 0:
-            raise fail("warmup_steps", warmup_steps, "must be >= 0")
-        self.save_hyperparameters()
+        self.optim = optim_config(optim, flat)
+        hparams = {"model": dict(model), "optim": asdict(self.optim), "seed": seed, "dataset": dataset}
+        self.save_hyperparameters(hparams)
         self.config = DiTConfig.from_dict(dict(model))
         self.model = DiT(self.config)
-        self.ema = EMA(self.model, ema_decay, ema_warmup)
-        self.objective = FlowMatching(t_mean, t_std)
-        if compile:
+        self.ema = EMA(self.model, self.optim.ema_decay, self.optim.ema_warmup)
+        self.objective = FlowMatching(self.optim.t_mean, self.optim.t_std)
+        if self.optim.compile:
             self.model.compile()  # in place: state_dict keys are unchanged
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
@@ -83,8 +93,8 @@ class FlowMatchingModule(L.LightningModule):
         if not self.trainer.strategy.reduce_boolean_decision(finite, all=True):
             raise NonFiniteLossError(
                 f"non-finite training loss ({loss.item()}) at step {self.global_step}; stopping. "
-                "The last checkpoint on disk is the last good one: lower lr, raise warmup_steps or "
-                "enable gradient clipping, then resume from it."
+                "The last checkpoint on disk is the last good one: lower optim.lr, raise optim.warmup_steps "
+                "or set optim.grad_clip, then resume from it."
             )
         self.log("train/loss", loss, prog_bar=True)
         return loss
@@ -114,11 +124,5 @@ class FlowMatchingModule(L.LightningModule):
         super().optimizer_step(*args, **kwargs)
         self.ema.update(self.model)
 
-    def configure_optimizers(self):
-        hp = self.hparams
-        optimizer = torch.optim.AdamW(
-            self.model.parameters(), lr=hp.lr, betas=tuple(hp.betas), weight_decay=hp.weight_decay
-        )
-        warmup = max(hp.warmup_steps, 1)
-        schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
-        return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
+    def configure_optimizers(self) -> dict[str, Any]:
+        return self.optim.make_optimizer(self.model.parameters())

@@ -18,7 +18,6 @@ next start of the same command resumes from the checkpoint (``sgexp.runs``).
 from __future__ import annotations
 
 import logging
-import os
 import re
 import signal
 import subprocess
@@ -26,6 +25,8 @@ from pathlib import Path
 
 import lightning as L
 import torch
+
+from sgexp.runs import slurm_job
 
 log = logging.getLogger(__name__)
 
@@ -44,12 +45,6 @@ class TrainingStopped(Exception):
         super().__init__(f"stopped by {name} at step {step}: checkpoint {checkpoint}; {then}")
 
 
-def job_id() -> str:
-    """``<array job>_<task>`` for an array task, else the job id: what ``scontrol requeue`` takes."""
-    array = os.environ.get("SLURM_ARRAY_JOB_ID")
-    return f"{array}_{os.environ['SLURM_ARRAY_TASK_ID']}" if array else os.environ["SLURM_JOB_ID"]
-
-
 def next_hpc_checkpoint(run_dir: Path) -> Path:
     numbers = [int(m.group(1)) for p in run_dir.glob("hpc_ckpt_*.ckpt") if (m := re.match(r"hpc_ckpt_(\d+)", p.stem))]
     return run_dir / f"hpc_ckpt_{max(numbers, default=0) + 1}.ckpt"
@@ -58,12 +53,12 @@ def next_hpc_checkpoint(run_dir: Path) -> Path:
 def requeue_job() -> bool:
     """``scontrol requeue`` this job; False (logged with SLURM's message) if SLURM refused."""
     try:
-        done = subprocess.run(["scontrol", "requeue", job_id()], capture_output=True, text=True, check=False)
+        done = subprocess.run(["scontrol", "requeue", slurm_job()], capture_output=True, text=True, check=False)
     except OSError as err:
-        log.error("scontrol requeue %s failed: %s", job_id(), err)
+        log.error("scontrol requeue %s failed: %s", slurm_job(), err)
         return False
     if done.returncode != 0:
-        log.error("scontrol requeue %s failed: %s", job_id(), (done.stderr or done.stdout).strip())
+        log.error("scontrol requeue %s failed: %s", slurm_job(), (done.stderr or done.stdout).strip())
     return done.returncode == 0
 
 
@@ -128,9 +123,36 @@ class StopOnSignal(L.Callback):
                 self.received = 0
                 return
             if trainer.is_global_zero:
-                log.info("requeued SLURM job %s: it resumes from %s", job_id(), path.name)
+                log.info("requeued SLURM job %s: it resumes from %s", slurm_job(), path.name)
         flush_step_metrics(trainer)
         raise TrainingStopped(signum, step, path, requeued=requeue)
+
+    def on_exception(self, trainer, pl_module, exception: BaseException) -> None:
+        """A stop signal that came while the main process waited for a batch. SLURM's SIGTERM reaches the
+        loader workers too, and a worker that dies while handing over a batch makes the fetch fail before any
+        batch-end hook runs. The last step is complete, so rank zero saves it as ``last.ckpt`` here, without
+        collective calls (the other ranks fail the same way, or are gone); the requeued job resumes from it."""
+        signum = BY_PRIORITY.get(self.received)
+        if signum not in (signal.SIGINT, signal.SIGTERM) or isinstance(exception, (TrainingStopped, KeyboardInterrupt)):
+            return
+        if not trainer.is_global_zero or trainer.global_step == 0:
+            return
+        path = self.run_dir / "checkpoints" / "last.ckpt"
+        try:
+            checkpoint = (
+                trainer._checkpoint_connector.dump_checkpoint()
+            )  # Lightning has no public call without a barrier
+            trainer.strategy.checkpoint_io.save_checkpoint(checkpoint, path)
+        except Exception as err:  # the original error is what the user must see
+            log.error("%s during a failed step: could not save %s: %s", signal.Signals(signum).name, path, err)
+            return
+        log.warning(
+            "%s while loading the next batch (%s): saved %s at step %d",
+            signal.Signals(signum).name,
+            type(exception).__name__,
+            path,
+            trainer.global_step,
+        )
 
 
 def flush_step_metrics(trainer) -> None:

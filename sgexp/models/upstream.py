@@ -197,10 +197,11 @@ def _routes(kind: str, routes: Sequence | None, model: str | None) -> tuple[Rout
         if kind != "tread":
             return ()
         if model is None:
-            raise fail(
-                "routes", None, "TREAD's routes are not in the weights: pass routes=[(start, end, selection_ratio)] "
+            allowed = (
+                "TREAD's routes are not in the weights: pass routes=[(start, end, selection_ratio)] "
                 "(inclusive blocks; [] for none) or model='DiT-XL/2' for its default 2 -> L-4 at 0.5"
-            )  # fmt: skip
+            )
+            raise fail("routes", None, allowed)
         return (Route(*parse_model_name(model)[0].route, sparsity=0.5),)
     if isinstance(routes, (str, Route, Mapping)):
         routes = [routes]

@@ -1,10 +1,14 @@
 """Optuna studies of guidance settings: search spaces, the driver and the report.
 
-- ``config``: typed schema of ``sweeps/<study>.yaml`` and ``load_study`` (Hydra compose + validation);
+``python -m sgexp.sweeps --study NAME`` (``cli``) runs the study ``sweeps/NAME.yaml``.
+
+- ``study``: typed schema of ``sweeps/<study>.yaml`` and ``load_study`` (Hydra compose + validation);
 - ``space``: search space -> Optuna distributions, sampled parameters -> guidance settings, samplers;
-- ``storage``: journal/RDB storage, heartbeats, stale trials, budget;
-- ``resources``: the evaluator (checkpoint, extractor, reference statistics) and the MLflow runs;
-- ``driver``: workers, the ask/tell loop, re-evaluation of the Pareto set (``python -m sgexp.sweep``);
+- ``storage`` (and ``journal``): journal/RDB storage, heartbeats, stale trials, budget;
+- ``tracker``: the study's MLflow parent run and one child run per trial;
+- ``driver``: workers, the ask/tell loop, the study from start to report;
+- ``fidelity``: re-evaluation of the Pareto set on more samples;
+- ``array``: workers as a SLURM job array;
 - ``progress``: the live table and the final Pareto table;
-- ``report``: Pareto plots, hypervolume, heatmaps, ``summary.json``.
+- ``report`` (and ``plots``): Pareto plots, hypervolume, heatmaps, ``summary.json``.
 """

@@ -9,11 +9,11 @@ are its first ones).
 
 Storage, heartbeat and budget: see ``sgexp.sweeps.storage``. Re-running a command resumes: the study is
 loaded, no finished trial is redone and baselines are enqueued only the first time; a resume that changes
-what the numbers depend on (checkpoint, space, samples, seed, ...; see ``config.check_resume``) is refused.
+what the numbers depend on (checkpoint, space, samples, seed, ...; see ``study.check_resume``) is refused.
 
 Workers: with one worker the driving process runs the trials itself; ``--workers K`` starts K spawned
 processes on the same storage (each with ``cores // K`` torch threads) while the driver only watches.
-Each loads the model, extractor and reference statistics once (``sgexp.sweeps.resources``), then loops
+Each loads the model, extractor and reference statistics once (``sgexp.eval.evaluator``), then loops
 ask -> score -> tell until the budget is met. ``study.ask`` pops an enqueued trial for exactly one worker,
 so none is evaluated twice.
 
@@ -29,25 +29,27 @@ from __future__ import annotations
 import json
 import logging
 import math
+import multiprocessing
 import os
 import signal
 import socket
 import threading
 import time
+import warnings
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import optuna
+import torch
 from omegaconf import DictConfig, OmegaConf
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.trial import TrialState
 
 from sgexp import tracking
-from sgexp.checks import fail
+from sgexp.checks import check_positive_int, fail
 from sgexp.eval.evaluator import Evaluator, load_evaluator
-from sgexp.sweeps.config import check_resume
 from sgexp.sweeps.fidelity import METRICS, final_view, reevaluate_pareto
-from sgexp.sweeps.resources import Tracker
+from sgexp.sweeps.report import pareto_table, pareto_trials, write_report
 from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting, process_seed
 from sgexp.sweeps.storage import (
     INTERRUPTED,
@@ -59,7 +61,9 @@ from sgexp.sweeps.storage import (
     reap_stale,
     release,
     setup_lock,
-)  # fmt: skip
+)
+from sgexp.sweeps.study import check_resume
+from sgexp.sweeps.tracker import Tracker
 
 log = logging.getLogger("sgexp.sweeps.driver")
 
@@ -125,10 +129,11 @@ class Worker:
             study.tell(trial, values)
         except (UpdateFinishedTrialError, ValueError):
             log.error(
-                "trial %d finished after another worker had failed it as stale (heartbeat.timeout %g s too "
-                "short?): its result is discarded and the retry evaluates it again",
-                trial.number, cfg.heartbeat.timeout,
-            )  # fmt: skip
+                "trial %d finished after another worker had failed it as stale (heartbeat.timeout %g s too short?): "
+                "its result is discarded and the retry evaluates it again",
+                trial.number,
+                cfg.heartbeat.timeout,
+            )
 
     def _evaluate(self, trial: optuna.Trial) -> list[float]:
         cfg, enqueued = self.cfg, dict(trial.user_attrs)
@@ -156,11 +161,9 @@ class Worker:
             trial.set_user_attr(key, value)
         if self.tracker is not None:
             self.tracker.end_child(trial.user_attrs.get("mlflow_run_id"), "FINISHED", None, recorded, row.get("grid"))
-        log.info(
-            "trial %d %s w=%.3g γs=%.3g γw=%.3g: FID %.2f, %.4g GFLOPs/sample",
-            trial.number, family, attrs["scale"], attrs["gamma_strong"], attrs["gamma_weak"], row["fid"],
-            row["gflops_per_sample"],
-        )  # fmt: skip
+        point = (attrs["scale"], attrs["gamma_strong"], attrs["gamma_weak"])
+        line = "trial %d %s w=%.3g γs=%.3g γw=%.3g: FID %.2f, %.4g GFLOPs/sample"
+        log.info(line, trial.number, family, *point, row["fid"], row["gflops_per_sample"])
         return [float(row[o]) for o in cfg.objectives]
 
 
@@ -193,25 +196,27 @@ def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | N
     cfg.paths.root = str(Path(cfg.paths.root).resolve())
     storage_url = storage_url or default_storage(cfg)
     storage = open_storage(storage_url)
-    if cfg.logger.enabled:
-        tracking_uri = tracking.resolve_tracking_uri(tracking_uri or cfg.logger.tracking_uri, Path(cfg.paths.root))
-        tracking.check_tracking_uri(tracking_uri)
-    else:
-        tracking_uri = None
+    tracking_uri = tracking.tracking_uri_for(cfg.logger, Path(cfg.paths.root), tracking_uri)
     evaluator = load_evaluator(cfg, tracking_uri)
     space = SearchSpace(cfg)
     with setup_lock(storage_url):  # commands started together: one sets the study up, the others resume it
         study = optuna.create_study(
-            storage=storage, study_name=cfg.name, directions=["minimize", "minimize"],
+            storage=storage,
+            study_name=cfg.name,
+            directions=["minimize", "minimize"],
             sampler=make_sampler(cfg, process_seed(cfg.optuna.seed)),
             load_if_exists=True,
-        )  # fmt: skip
+        )
         check_resume(study, cfg, evaluator.checkpoint)
         attrs = {
-            "config": OmegaConf.to_container(cfg, resolve=True), "checkpoint": str(evaluator.checkpoint),
-            "metric": evaluator.metric, "samples_per_trial": cfg.samples_per_trial, "final_samples": cfg.final_samples,
-            "storage": storage_url, "tracking_uri": tracking_uri,
-        }  # fmt: skip
+            "config": OmegaConf.to_container(cfg, resolve=True),
+            "checkpoint": str(evaluator.checkpoint),
+            "metric": evaluator.metric,
+            "samples_per_trial": cfg.samples_per_trial,
+            "final_samples": cfg.final_samples,
+            "storage": storage_url,
+            "tracking_uri": tracking_uri,
+        }
         for key, value in attrs.items():
             study.set_user_attr(key, value)
         tracker = None
@@ -231,8 +236,7 @@ def run_study(
 
     ``progress(study)`` is called after each trial (one worker) or every second (several).
     """
-    if isinstance(workers, bool) or not isinstance(workers, int) or workers < 1:
-        raise fail("workers", workers, "must be an integer >= 1")
+    check_positive_int("workers", workers)
     session = start(cfg, storage_url, tracking_uri)
     try:
         if workers == 1:
@@ -256,8 +260,6 @@ def run_study(
 
 def run_workers(session: Session, workers: int, progress=None) -> None:
     """K spawned worker processes on the study's storage; the calling process only watches."""
-    import multiprocessing
-
     plain = OmegaConf.to_container(session.cfg, resolve=True)
     logs = session.out_dir / "workers"
     logs.mkdir(parents=True, exist_ok=True)
@@ -291,8 +293,6 @@ def worker_main(
     plain_cfg: dict, storage_url: str, tracking_uri: str | None, k: int, workers: int, parent: int, log_file: str
 ) -> None:
     """Entry of a spawned worker: log to ``log_file``, load once, loop; exits if the driver dies."""
-    import torch
-
     logging.basicConfig(
         filename=log_file, level=logging.INFO, force=True, format=f"%(asctime)s worker {k} %(name)s: %(message)s"
     )
@@ -304,8 +304,6 @@ def worker_main(
 def work(cfg: DictConfig, storage_url: str, tracking_uri: str | None, k: int) -> int:
     """One worker on a study that ``start`` created: load the model once, loop ask -> score -> tell until the
     budget is met; returns the number of trials it ran. Local worker processes and SLURM array tasks."""
-    import warnings
-
     warnings.filterwarnings("ignore", category=optuna.exceptions.ExperimentalWarning)
     optuna.logging.set_verbosity(optuna.logging.WARNING)
     evaluator = load_evaluator(cfg, tracking_uri)
@@ -331,8 +329,6 @@ def _exit_with_parent(parent: int) -> None:
 
 def finish(session: Session) -> dict:
     """Re-score the Pareto set (if an evaluator is loaded), write the report, end the parent run."""
-    from sgexp.sweeps.report import pareto_table, write_report
-
     study, cfg = session.study, session.cfg
     if session.evaluator is not None:
         reevaluate_pareto(study, cfg, session.evaluator, session.tracker)
@@ -343,16 +339,21 @@ def finish(session: Session) -> dict:
     if session.tracker is not None:
         session.tracker.end_parent()
     return {
-        "study": study.study_name, "storage": session.storage_url, "view": view, "pareto": pareto_table(view),
-        "report": files, "report_dir": report_dir, "mlflow_parent_run_id": parent,
-        "tracking_uri": session.tracking_uri, "counts": counts(study), "metric": study.user_attrs.get("metric"),
-    }  # fmt: skip
+        "study": study.study_name,
+        "storage": session.storage_url,
+        "view": view,
+        "pareto": pareto_table(view),
+        "report": files,
+        "report_dir": report_dir,
+        "mlflow_parent_run_id": parent,
+        "tracking_uri": session.tracking_uri,
+        "counts": counts(study),
+        "metric": study.user_attrs.get("metric"),
+    }
 
 
 def run_report(name: str, storage_url: str, tracking_uri: str | None = None, reevaluate: bool = True) -> dict:
     """Report of an existing study from its storage alone; re-scores missing finals if the checkpoint is here."""
-    from sgexp.sweeps.report import pareto_trials
-
     if "://" not in storage_url and not Path(storage_url).expanduser().is_file():
         raise fail("storage", storage_url, "no such journal file (pass the study's --storage)")
     storage = open_storage(storage_url)
@@ -362,7 +363,7 @@ def run_report(name: str, storage_url: str, tracking_uri: str | None = None, ree
         names = optuna.get_all_study_names(storage)
         raise fail("study", name, f"is not in {storage_url}, which holds {names}") from None
     if "config" not in study.user_attrs:
-        raise fail("study", name, "has no stored config: was it made by sgexp.sweep?")
+        raise fail("study", name, "has no stored config: was it made by sgexp.sweeps?")
     cfg = OmegaConf.create(study.user_attrs["config"])
     tracking_uri = tracking_uri or study.user_attrs.get("tracking_uri")
     parent = study.user_attrs.get("mlflow_parent_run_id")

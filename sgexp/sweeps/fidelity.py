@@ -15,7 +15,8 @@ import optuna
 from omegaconf import DictConfig
 
 from sgexp.eval.evaluator import Evaluator
-from sgexp.sweeps.resources import Tracker
+from sgexp.sweeps.report import pareto_trials
+from sgexp.sweeps.tracker import Tracker
 
 log = logging.getLogger("sgexp.sweeps.fidelity")
 
@@ -26,8 +27,6 @@ def reevaluate_pareto(
     study: optuna.Study, cfg: DictConfig, evaluator: Evaluator, tracker: Tracker | None = None
 ) -> list[int]:
     """Score every Pareto trial without a final result on ``final_samples`` samples; returns their numbers."""
-    from sgexp.sweeps.report import pareto_trials
-
     if not cfg.final_samples:
         return []
     done = []

@@ -96,8 +96,10 @@ def set_aside_cut_line(path: Path, parse: bool = False) -> bool:
     log.warning(
         "journal %s: its last line (%d bytes) was cut by a crash; moved it into %s and truncated the journal to "
         "its last complete record",
-        path, len(data) - start, corrupt,
-    )  # fmt: skip
+        path,
+        len(data) - start,
+        corrupt,
+    )
     return True
 
 
@@ -137,10 +139,11 @@ def check_journal(path: Path) -> None:
     number = first_bad_line(data)
     if number is not None:
         raise fail(
-            "storage", str(path),
+            "storage",
+            str(path),
             f"line {number} of this Optuna journal is not a JSON record (corrupted in the middle, not by a cut "
             f"last line): fix or remove that line (keep a copy), or start a new study (--storage NEW)",
-        )  # fmt: skip
+        )
     if cut_line_start(data, parse=True) is not None:  # maybe a live writer's line: look again under the lock
         lock = JournalFileOpenLock(str(path))
         lock.acquire()

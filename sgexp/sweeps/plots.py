@@ -12,34 +12,68 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
+from typing import NamedTuple
 
 import numpy as np
 import optuna
+import plotly.graph_objects as go
+from matplotlib.backends.backend_agg import FigureCanvasAgg
+from matplotlib.figure import Figure
+from matplotlib.patches import Rectangle
 
-# family -> (label, matplotlib marker, colour, plotly symbol); colours are matplotlib's tab10 as hex,
-# which both libraries accept.
-FAMILY_STYLE: dict[str, tuple[str, str, str, str]] = {
-    "none": ("unguided", "X", "#000000", "x"),
-    "cfg": ("CFG", "o", "#1f77b4", "circle"),
-    "icg": ("ICG", "h", "#17becf", "hexagon"),
-    "sg": ("SG", "^", "#ff7f0e", "triangle-up"),
-    "cfg_sg": ("CFG+SG", "s", "#2ca02c", "square"),
-    "ag": ("AutoGuidance", "D", "#9467bd", "diamond"),
-    "ag_sg": ("AG+SG", "P", "#8c564b", "cross"),
+from sgexp.diffusion.guidance import RULES
+
+
+class Style(NamedTuple):
+    label: str
+    marker: str  # matplotlib
+    colour: str  # hex, which both libraries accept
+    symbol: str  # plotly
+
+
+# The paper's colours for the rules it compares (matplotlib's tab10); any other rule or family name gets
+# the next entry of PALETTE in RULES order, so a new rule plots without an edit here.
+PAPER_STYLE = {
+    "none": ("X", "#000000", "x"),
+    "cfg": ("o", "#1f77b4", "circle"),
+    "icg": ("h", "#17becf", "hexagon"),
+    "sg": ("^", "#ff7f0e", "triangle-up"),
+    "cfg_sg": ("s", "#2ca02c", "square"),
+    "ag": ("D", "#9467bd", "diamond"),
+    "ag_sg": ("P", "#8c564b", "cross"),
 }
+PALETTE = (
+    ("v", "#e377c2", "triangle-down"),
+    ("<", "#bcbd22", "triangle-left"),
+    (">", "#7f7f7f", "triangle-right"),
+    ("p", "#9edae5", "pentagon"),
+    ("*", "#ffbb78", "star"),
+    ("d", "#98df8a", "diamond-tall"),
+)
 HEATMAP_BINS, HEATMAP_LIMIT = 6, 0.95
 
 
-def style(family: str) -> tuple[str, str, str, str]:
-    return FAMILY_STYLE.get(family, (str(family), "v", "#7f7f7f", "triangle-down"))
+def style(family: str) -> Style:
+    """How a family (a rule's name, or a study's name for a family) is drawn: its rule's label, and the
+    paper's marker and colour, else the next ones of the palette."""
+    label = RULES[family].label if family in RULES else str(family)
+    if family in PAPER_STYLE:
+        return Style(label, *PAPER_STYLE[family])
+    others = [name for name in RULES if name not in PAPER_STYLE]
+    index = others.index(family) if family in others else len(others) + sum(map(ord, str(family)))
+    return Style(label, *PALETTE[index % len(PALETTE)])
 
 
 def _label(row: dict) -> str:
-    label = style(row["family"])[0]
-    if row["family"] != "none" and row["scale"] is not None:
+    """``SG w=5 γ=0.5/0.9``: the scale of a guided rule, the γ's the rule reads when they are not all 0."""
+    setting = row.get("setting") if isinstance(row.get("setting"), dict) else {}
+    rule = RULES.get(setting.get("rule", row["family"]))
+    label = style(row["family"]).label
+    if (rule is None or rule.weak is not None) and row["scale"] is not None:
         label += f" w={row['scale']:g}"
-    if row["gamma_strong"] is not None and row["gamma_weak"] is not None and "sg" in row["family"]:
-        label += f" γ={row['gamma_strong']:g}/{row['gamma_weak']:g}"
+    gammas = [row[k] for k in (rule.reads if rule else ()) if row.get(k) is not None]
+    if any(gammas):
+        label += " γ=" + "/".join(f"{g:g}" for g in gammas)
     return label
 
 
@@ -62,11 +96,8 @@ def titles(study: optuna.Study) -> tuple[str, str, str]:
     return str(attrs.get("metric", "FID")), f"screening, {screening} samples", f"final, {final} samples"
 
 
-def _figure(size: tuple[float, float]):
+def _figure(size: tuple[float, float]) -> Figure:
     """A matplotlib figure on an Agg canvas of its own: no pyplot, no process-wide backend or registry."""
-    from matplotlib.backends.backend_agg import FigureCanvasAgg
-    from matplotlib.figure import Figure
-
     fig = Figure(figsize=size, layout="constrained")
     FigureCanvasAgg(fig)
     return fig
@@ -79,21 +110,22 @@ def plot_pareto_png(study: optuna.Study, rows: list[dict], front: list[dict], be
     for family in sorted({r["family"] for r in rows}):
         label, marker, colour, _ = style(family)
         pts = [r for r in rows if r["family"] == family]
-        ax.scatter([r["gflops_per_sample"] for r in pts], [r["fid"] for r in pts], marker=marker, color=colour,
-                   s=40, alpha=0.8, label=f"{label} ({len(pts)})", zorder=3)  # fmt: skip
+        x, y = [r["gflops_per_sample"] for r in pts], [r["fid"] for r in pts]
+        ax.scatter(x, y, marker=marker, color=colour, s=40, alpha=0.8, label=f"{label} ({len(pts)})", zorder=3)
         finals = [r for r in pts if r["fid_final"] is not None]
         for r in finals:  # screening -> final: how much the screening FID moved with more samples
             ax.plot([r["gflops_per_sample"]] * 2, [r["fid"], r["fid_final"]], color=colour, lw=0.8, ls=":")
         if finals:
-            ax.scatter([r["gflops_per_sample"] for r in finals], [r["fid_final"] for r in finals], marker=marker,
-                       facecolors="none", edgecolors=colour, s=90, label=f"{label} ({final})", zorder=4)  # fmt: skip
+            x, y = [r["gflops_per_sample"] for r in finals], [r["fid_final"] for r in finals]
+            hollow = dict(facecolors="none", edgecolors=colour, s=90, label=f"{label} ({final})", zorder=4)
+            ax.scatter(x, y, marker=marker, **hollow)
         for r in pts:
             if r["baseline"]:
-                ax.annotate(_label(r), (r["gflops_per_sample"], r["fid"]), textcoords="offset points",
-                            xytext=(6, 6), fontsize=8)  # fmt: skip
+                xy = (r["gflops_per_sample"], r["fid"])
+                ax.annotate(_label(r), xy, textcoords="offset points", xytext=(6, 6), fontsize=8)
     if front:
-        ax.step([r["gflops_per_sample"] for r in front], [r["fid"] for r in front], where="post", color="crimson",
-                lw=1.5, label=f"Pareto front ({screening})", zorder=2)  # fmt: skip
+        x, y = [r["gflops_per_sample"] for r in front], [r["fid"] for r in front]
+        ax.step(x, y, where="post", color="crimson", lw=1.5, label=f"Pareto front ({screening})", zorder=2)
     if best_cfg is not None:  # the lower-left quadrant of these lines is where a setting beats the best CFG
         text = f"best CFG: FID {best_cfg['fid']:.2f} at {best_cfg['gflops_per_sample']:.4g} GFLOPs"
         ax.axhline(best_cfg["fid"], color="#1f77b4", ls="--", lw=0.8, label=text)
@@ -111,39 +143,51 @@ def plot_pareto_png(study: optuna.Study, rows: list[dict], front: list[dict], be
 
 
 def plot_pareto_html(study: optuna.Study, rows: list[dict], front: list[dict], best_cfg: dict | None, path: Path):
-    import plotly.graph_objects as go
-
     metric, screening, final = titles(study)
     fig = go.Figure()
     for family in sorted({r["family"] for r in rows}):
         label, _, colour, symbol = style(family)
         pts = [r for r in rows if r["family"] == family]
-        fig.add_trace(go.Scatter(
-            x=[r["gflops_per_sample"] for r in pts], y=[r["fid"] for r in pts], mode="markers+text",
-            name=f"{label} ({screening})", marker=dict(symbol=symbol, color=colour, size=9),
-            text=[_label(r) if r["baseline"] else "" for r in pts], textposition="top right",
-            hovertext=[_hover(r) for r in pts], hoverinfo="text",
-        ))  # fmt: skip
+        screened = go.Scatter(
+            x=[r["gflops_per_sample"] for r in pts],
+            y=[r["fid"] for r in pts],
+            mode="markers+text",
+            name=f"{label} ({screening})",
+            marker=dict(symbol=symbol, color=colour, size=9),
+            text=[_label(r) if r["baseline"] else "" for r in pts],
+            textposition="top right",
+            hovertext=[_hover(r) for r in pts],
+            hoverinfo="text",
+        )
+        fig.add_trace(screened)
         finals = [r for r in pts if r["fid_final"] is not None]
         if finals:
-            fig.add_trace(go.Scatter(
-                x=[r["gflops_per_sample"] for r in finals], y=[r["fid_final"] for r in finals], mode="markers",
-                name=f"{label} ({final})", marker=dict(symbol=f"{symbol}-open", color=colour, size=13),
-                hovertext=[_hover(r) for r in finals], hoverinfo="text",
-            ))  # fmt: skip
+            rescored = go.Scatter(
+                x=[r["gflops_per_sample"] for r in finals],
+                y=[r["fid_final"] for r in finals],
+                mode="markers",
+                name=f"{label} ({final})",
+                marker=dict(symbol=f"{symbol}-open", color=colour, size=13),
+                hovertext=[_hover(r) for r in finals],
+                hoverinfo="text",
+            )
+            fig.add_trace(rescored)
     if front:
-        fig.add_trace(go.Scatter(
-            x=[r["gflops_per_sample"] for r in front], y=[r["fid"] for r in front], mode="lines",
-            line=dict(shape="hv", color="crimson"), name=f"Pareto front ({screening})", hoverinfo="skip",
-        ))  # fmt: skip
+        line = dict(shape="hv", color="crimson")
+        x, y = [r["gflops_per_sample"] for r in front], [r["fid"] for r in front]
+        fig.add_trace(
+            go.Scatter(x=x, y=y, mode="lines", line=line, name=f"Pareto front ({screening})", hoverinfo="skip")
+        )
     if best_cfg is not None:
         fig.add_hline(y=best_cfg["fid"], line_dash="dash", line_color="#1f77b4", annotation_text="best CFG FID")
         fig.add_vline(x=best_cfg["gflops_per_sample"], line_dash="dash", line_color="#1f77b4")
     fig.update_layout(
         title=f"{study.study_name}: {metric} vs cost (filled: {screening}; open: {final})",
-        xaxis_title="GFLOPs per sample (all sampling steps)", yaxis_title=f"{metric} (lower is better)",
-        template="plotly_white", hovermode="closest",
-    )  # fmt: skip
+        xaxis_title="GFLOPs per sample (all sampling steps)",
+        yaxis_title=f"{metric} (lower is better)",
+        template="plotly_white",
+        hovermode="closest",
+    )
     # plotly.js inline: the report must open on cluster machines without internet access.
     fig.write_html(path, include_plotlyjs=True, full_html=True)
     return path
@@ -174,8 +218,6 @@ def _w_bands(scales: np.ndarray) -> list[np.ndarray]:
 
 def plot_heatmaps(study: optuna.Study, sg: list[dict], path: Path) -> Path:
     """Mean screening FID of SG trials binned over (γ_strong, γ_weak), one panel per band of ``w``."""
-    from matplotlib.patches import Rectangle
-
     metric, screening, _ = titles(study)
     scale = np.array([r["scale"] for r in sg], dtype=float)
     gs = np.array([r["gamma_strong"] for r in sg], dtype=float)
@@ -200,16 +242,19 @@ def plot_heatmaps(study: optuna.Study, sg: list[dict], path: Path) -> Path:
             for ix in range(HEATMAP_BINS):
                 x, y = edges[ix], edges[iy]
                 if ix > iy:  # the whole bin has γ_strong >= γ_weak: outside SG's domain
-                    ax.add_patch(Rectangle((x, y), edges[1], edges[1], facecolor="#dddddd", hatch="//",
-                                           edgecolor="#aaaaaa", lw=0))  # fmt: skip
+                    hatched = dict(facecolor="#dddddd", hatch="//", edgecolor="#aaaaaa", lw=0)
+                    ax.add_patch(Rectangle((x, y), edges[1], edges[1], **hatched))
                 elif count[iy, ix]:
                     dark = (mean[iy, ix] - vmin) / (vmax - vmin) > 0.5  # viridis_r is dark at high FID
-                    ax.text(x + edges[1] / 2, y + edges[1] / 2, f"{mean[iy, ix]:.1f}\nn={count[iy, ix]}",
-                            ha="center", va="center", fontsize=7, color="white" if dark else "black")  # fmt: skip
+                    text = f"{mean[iy, ix]:.1f}\nn={count[iy, ix]}"
+                    colour = "white" if dark else "black"
+                    ax.text(
+                        x + edges[1] / 2, y + edges[1] / 2, text, ha="center", va="center", fontsize=7, color=colour
+                    )
         ax.scatter(gs[idx], gw[idx], s=6, color="black", alpha=0.35)
         best = idx[np.argmin(fid[idx])]
-        ax.scatter([gs[best]], [gw[best]], marker="*", s=160, color="red", edgecolors="white",
-                   label=f"best: {fid[best]:.1f} at γ=({gs[best]:g}, {gw[best]:g})")  # fmt: skip
+        best_label = f"best: {fid[best]:.1f} at γ=({gs[best]:g}, {gw[best]:g})"
+        ax.scatter([gs[best]], [gw[best]], marker="*", s=160, color="red", edgecolors="white", label=best_label)
         ax.plot([0, HEATMAP_LIMIT], [0, HEATMAP_LIMIT], color="grey", lw=0.8)
         ax.set(xlim=(0, HEATMAP_LIMIT), ylim=(0, HEATMAP_LIMIT), aspect="equal", xlabel="γ_strong", ylabel="γ_weak")
         lo, hi = scale[idx].min(), scale[idx].max()
@@ -217,8 +262,8 @@ def plot_heatmaps(study: optuna.Study, sg: list[dict], path: Path) -> Path:
         ax.set_title(f"{band} ({len(idx)} trials)", fontsize=10)
         ax.legend(fontsize=7, loc="lower right")
     fig.colorbar(mesh, ax=list(axes), label="mean FID per bin (lower is better)", shrink=0.9)
-    fig.suptitle(f"{study.study_name}: {metric} ({screening}) of SG trials over (γ_strong, γ_weak) by band of w; "
-                 "hatched: γ_strong ≥ γ_weak", fontsize=10)  # fmt: skip
+    title = f"{study.study_name}: {metric} ({screening}) of SG trials over (γ_strong, γ_weak) by band of w"
+    fig.suptitle(f"{title}; hatched: γ_strong ≥ γ_weak", fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path
 
@@ -244,15 +289,15 @@ def plot_grid_heatmaps(study: optuna.Study, rows: list[dict], family: str, path:
     axes = np.atleast_1d(fig.subplots(1, len(scales), squeeze=False)[0])
     for ax, w in zip(axes, scales, strict=True):
         fid = maps[w]
-        mesh = ax.pcolormesh(np.arange(len(xs) + 1) - 0.5, np.arange(len(ys) + 1) - 0.5, np.ma.masked_invalid(fid),
-                             cmap="viridis_r", vmin=vmin, vmax=vmax)  # fmt: skip
+        cells_x, cells_y = np.arange(len(xs) + 1) - 0.5, np.arange(len(ys) + 1) - 0.5
+        mesh = ax.pcolormesh(cells_x, cells_y, np.ma.masked_invalid(fid), cmap="viridis_r", vmin=vmin, vmax=vmax)
         for iy, ix in zip(*np.nonzero(np.isfinite(fid)), strict=True):
             dark = (fid[iy, ix] - vmin) / (vmax - vmin) > 0.5
-            ax.text(ix, iy, f"{fid[iy, ix]:.1f}", ha="center", va="center", fontsize=7,
-                    color="white" if dark else "black")  # fmt: skip
+            colour = "white" if dark else "black"
+            ax.text(ix, iy, f"{fid[iy, ix]:.1f}", ha="center", va="center", fontsize=7, color=colour)
         iy, ix = np.unravel_index(np.nanargmin(fid), fid.shape)
-        ax.scatter([ix], [iy], marker="*", s=220, facecolors="none", edgecolors="red", lw=1.5,
-                   label=f"best: {fid[iy, ix]:.1f} at γ=({xs[ix]:g}, {ys[iy]:g})")  # fmt: skip
+        best_label = f"best: {fid[iy, ix]:.1f} at γ=({xs[ix]:g}, {ys[iy]:g})"
+        ax.scatter([ix], [iy], marker="*", s=220, facecolors="none", edgecolors="red", lw=1.5, label=best_label)
         if xs == ys:  # γ_s = γ_w; below it the weak model runs denser than the strong one
             ax.plot([-0.5, len(xs) - 0.5], [-0.5, len(ys) - 0.5], color="grey", lw=0.8, ls="--")
         ax.set_xticks(range(len(xs)), [f"{x:g}" for x in xs])
@@ -260,7 +305,7 @@ def plot_grid_heatmaps(study: optuna.Study, rows: list[dict], family: str, path:
         ax.set(xlabel="γ_strong", ylabel="γ_weak", aspect="equal", title=f"w = {w:g}")
         ax.legend(fontsize=7, loc="upper center", bbox_to_anchor=(0.5, -0.18))
     fig.colorbar(mesh, ax=list(axes), label=f"{metric} (lower is better)", shrink=0.9)
-    fig.suptitle(f"{study.study_name}: {metric} ({screening}) of {style(family)[0]} over (γ_strong, γ_weak)",
-                 fontsize=10)  # fmt: skip
+    title = f"{study.study_name}: {metric} ({screening}) of {style(family).label} over (γ_strong, γ_weak)"
+    fig.suptitle(title, fontsize=10)
     fig.savefig(path, dpi=120, bbox_inches="tight")
     return path

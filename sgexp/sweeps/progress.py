@@ -12,6 +12,8 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from sgexp.diffusion.guidance import RULES
+from sgexp.sweeps.report import pareto_trials
 from sgexp.sweeps.storage import is_counted_fail
 
 
@@ -19,7 +21,8 @@ def label(attrs: dict[str, Any]) -> str:
     """``sg w=5 γs=0.5 γw=0.9`` from a trial's attributes (or a row of ``report.pareto_table``)."""
     family, setting = attrs.get("family", "?"), attrs.get("setting") or {}
     parts = [str(family)]
-    if setting.get("rule", family) != "none":
+    rule = RULES.get(setting.get("rule", family))
+    if rule is None or rule.weak is not None:  # an unguided rule has no scale
         parts.append(f"w={attrs.get('scale', 1.0):.3g}")
     for key, short in (("gamma_strong", "γs"), ("gamma_weak", "γw")):
         value = setting.get(key, 0.0)
@@ -40,14 +43,12 @@ def trials_table(trials: list[FrozenTrial], title: str) -> Table:
         a, values = t.user_attrs, t.values or [None, None]
         state = t.state.name + (" (requeued)" if t.state == TrialState.FAIL and a.get("requeued") else "")
         gammas = [_num(a.get(k), "{:.3g}") for k in ("scale", "gamma_strong", "gamma_weak")]
-        table.add_row(str(t.number), str(a.get("family", "")), *gammas, _num(values[0], "{:.2f}"),
-                      _num(values[1], "{:.4g}"), state)  # fmt: skip
+        fid, gflops = _num(values[0], "{:.2f}"), _num(values[1], "{:.4g}")
+        table.add_row(str(t.number), str(a.get("family", "")), *gammas, fid, gflops, state)
     return table
 
 
 def render(study: optuna.Study, recent: int = 8) -> Group:
-    from sgexp.sweeps.report import pareto_trials
-
     trials = study.get_trials(deepcopy=False)
     started = [t for t in trials if t.state != TrialState.WAITING]
     done = sum(t.state == TrialState.COMPLETE or is_counted_fail(t) for t in trials)
@@ -83,11 +84,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     for column in ("#", "setting", "FID", "final FID", "GFLOPs", "vs CFG"):
         table.add_column(column, justify="left" if column == "setting" else "right", no_wrap=column == "setting")
     for row in summary["pareto"]:
-        table.add_row(
-            str(row["number"]), label(row) + (" (baseline)" if row.get("baseline") else ""),
-            _num(row.get("fid"), "{:.2f}"), _num(row.get("fid_final"), "{:.2f}"),
-            _num(row.get("gflops_per_sample"), "{:.4g}"), _num(row.get("relative_to_cfg"), "{:.3f}"),
-        )  # fmt: skip
+        setting = label(row) + (" (baseline)" if row.get("baseline") else "")
+        fid, final_fid = _num(row.get("fid"), "{:.2f}"), _num(row.get("fid_final"), "{:.2f}")
+        cost = _num(row.get("gflops_per_sample"), "{:.4g}"), _num(row.get("relative_to_cfg"), "{:.3f}")
+        table.add_row(str(row["number"]), setting, fid, final_fid, *cost)
     console.print(table)
     n = summary["counts"]
     console.print(f"trials: {n['complete']} complete, {n['done'] - n['complete']} failed; storage {summary['storage']}")

@@ -27,8 +27,10 @@ from typing import Any
 
 import numpy as np
 import optuna
+from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from sgexp.run_record import log_artifact_file
 from sgexp.sweeps.plots import (
     plot_grid_heatmaps,
     plot_heatmaps,
@@ -41,11 +43,11 @@ from sgexp.sweeps.plots import (
 
 log = logging.getLogger("sgexp.sweeps.report")
 
-TABLE_COLUMNS = (
-    "number", "family", "baseline", "scale", "gamma_strong", "gamma_weak", "fid", "fid_final", "num_samples",
-    "num_samples_final", "gflops_per_sample", "relative_to_cfg", "precision", "recall", "class_accuracy",
-    "precision_final", "recall_final", "class_accuracy_final", "seconds_per_sample", "setting",
-)  # fmt: skip
+TABLE_COLUMNS = tuple(
+    "number family baseline scale gamma_strong gamma_weak fid fid_final num_samples num_samples_final "
+    "gflops_per_sample relative_to_cfg precision recall class_accuracy precision_final recall_final "
+    "class_accuracy_final seconds_per_sample setting".split()
+)
 MIN_HEATMAP_TRIALS = 3
 DEFAULT_OBJECTIVES = ("fid", "gflops_per_sample")  # trial.values, both minimised
 
@@ -177,11 +179,14 @@ def _trials_rows(study: optuna.Study) -> tuple[list[dict], list[str]]:
     for t in sorted(study.get_trials(deepcopy=False), key=lambda t: t.number):
         values, start, end = list(t.values or [None, None]), t.datetime_start, t.datetime_complete
         row = {
-            "number": t.number, "state": t.state.name, "fid": values[0], "gflops_per_sample": values[-1],
+            "number": t.number,
+            "state": t.state.name,
+            "fid": values[0],
+            "gflops_per_sample": values[-1],
             "datetime_start": start and start.isoformat(),
             "duration_s": (end - start).total_seconds() if start and end else None,
             "fail_reason": t.user_attrs.get("fail_reason"),
-        }  # fmt: skip
+        }
         row.update({f"param.{k}": v for k, v in t.params.items()})
         rows.append(row | {f"attr.{k}": v for k, v in t.user_attrs.items() if k != "fail_reason"})
     head = ["number", "state", "fid", "gflops_per_sample", "datetime_start", "duration_s", "fail_reason"]
@@ -201,7 +206,7 @@ def compare_to_best_cfg(rows: list[dict], family: str = "sg") -> dict[str, Any]:
     candidates = [r for r in rows if r["family"] == family]
     out: dict[str, Any] = {"family": family, "fid": "screening", "answer": None, "best_cfg": None, "point": None}
     if not cfg or not candidates:
-        out["reason"] = f"no COMPLETE {'CFG' if not cfg else style(family)[0]} trial to compare"
+        out["reason"] = f"no COMPLETE {'CFG' if not cfg else style(family).label} trial to compare"
         return out
     best_cfg = min(cfg, key=lambda r: (r["fid"], r["gflops_per_sample"], r["number"]))
     winners = [
@@ -284,7 +289,7 @@ def write_report(
             if on_grid:
                 files[name] = plot_grid_heatmaps(study, on_grid, family, out_dir / name)
             else:
-                notes.append(f"{name} skipped: no COMPLETE {style(family)[0]} trial yet")
+                notes.append(f"{name} skipped: no COMPLETE {style(family).label} trial yet")
 
     metric, screening, final = titles(study)
     summary = {
@@ -311,10 +316,6 @@ def write_report(
         log.info(note)
 
     if tracking_uri and parent_run_id:
-        from mlflow.tracking import MlflowClient
-
-        from sgexp.run_record import log_artifact_file
-
         client = MlflowClient(tracking_uri=tracking_uri)
         for path in files.values():
             log_artifact_file(client, path, "report", run_id=parent_run_id)

@@ -1,7 +1,7 @@
 """A study's search space as Optuna distributions, and sampled parameters as guidance settings.
 
 ``SearchSpace.suggest(trial)`` samples one point (define-by-run) and returns ``(family, setting)``, where
-``setting`` is what ``sgexp.lit.eval_callback.make_settings`` takes (``rule``, ``scale``, ``gamma_strong``,
+``setting`` is what ``sgexp.eval.settings.make_settings`` takes (``rule``, ``scale``, ``gamma_strong``,
 ``gamma_weak``, ...). Parameter names are the range keys (``scale``, ``gamma_strong``,
 ``gamma_weak_fraction``) in a one-family study; with several families a categorical ``family`` is sampled
 first and the conditional parameters are named ``<family>/<key>``, so each family keeps its own
@@ -41,7 +41,8 @@ from optuna.trial import FrozenTrial
 
 log = logging.getLogger("sgexp.sweeps.space")
 
-SETTING_KEYS = ("scale", "gamma_strong", "gamma_weak")
+SETTING_KEYS = ("scale", "gamma_strong", "gamma_weak")  # the numbers of a setting a trial records
+RANGE_KEYS = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")  # what a family may search
 
 
 def _number(value: Any) -> Any:
@@ -69,7 +70,7 @@ def describe(setting: Mapping[str, Any]) -> dict[str, float]:
 
 @dataclass(frozen=True)
 class FamilySpace:
-    """The searched ranges of one family (validated by ``sgexp.sweeps.config``) and its fixed values."""
+    """The searched ranges of one family (validated by ``sgexp.sweeps.study``) and its fixed values."""
 
     name: str
     rule: str
@@ -83,8 +84,7 @@ class FamilySpace:
             step = float(r.step) if r.get("step") is not None else None
             return FloatDistribution(float(r.low), float(r.high), log=bool(r.log), step=step)
 
-        keys = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
-        ranges = {key: dist(cfg[key]) for key in keys if cfg[key] is not None}
+        ranges = {key: dist(cfg[key]) for key in RANGE_KEYS if cfg[key] is not None}
         fixed = OmegaConf.to_container(cfg.fixed) if isinstance(cfg.fixed, DictConfig) else dict(cfg.fixed)
         return cls(name, cfg.rule or name, ranges, float(cfg.gamma_weak_max), fixed)
 
@@ -253,7 +253,7 @@ def process_seed(study_seed: int, worker: int = 0) -> int:
 
 class GridSampler(optuna.samplers.GridSampler):
     """Optuna's GridSampler for ask/tell: its ``after_trial`` calls ``study.stop()`` once the grid is done,
-    which raises outside ``study.optimize``; the study's budget (at most the grid, ``config._check_grid``)
+    which raises outside ``study.optimize``; the study's budget (at most the grid, ``study._check_grid``)
     ends it instead."""
 
     def after_trial(self, study, trial, state, values) -> None:
@@ -267,7 +267,7 @@ def make_sampler(cfg: DictConfig, seed: int | None = None) -> BaseSampler:
     multi = len(cfg.family) > 1
     with warnings.catch_warnings():
         warnings.simplefilter("ignore", optuna.exceptions.ExperimentalWarning)
-        if o.sampler == "grid":  # one family (config._check_grid): parameters are named by their range keys
+        if o.sampler == "grid":  # one family (study._check_grid): parameters are named by their range keys
             inner = GridSampler(FamilySpace.from_config(cfg.family[0], cfg.space[cfg.family[0]]).grid(), seed=seed)
         elif o.sampler == "gp":
             inner = optuna.samplers.GPSampler(seed=seed, n_startup_trials=o.n_startup_trials)

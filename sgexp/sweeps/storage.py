@@ -37,6 +37,7 @@ import optuna
 from omegaconf import DictConfig
 from optuna.exceptions import UpdateFinishedTrialError
 from optuna.storages import BaseStorage
+from optuna.storages.journal import JournalFileBackend, JournalFileOpenLock
 from optuna.trial import FrozenTrial, TrialState
 
 from sgexp.checks import fail
@@ -72,8 +73,6 @@ def open_storage(url: str) -> BaseStorage:
         path.parent.mkdir(parents=True, exist_ok=True)
         if not os.access(path.parent, os.W_OK) or (path.exists() and not os.access(path, os.W_OK)):
             raise PermissionError(f"{path} is not writable")
-        from optuna.storages.journal import JournalFileBackend
-
         check_journal(path)
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=RepairingLock(str(path))))
     except OSError as err:
@@ -89,8 +88,6 @@ def setup_lock(url: str) -> Iterator[None]:
     if "://" in url:
         yield
         return
-    from optuna.storages.journal import JournalFileOpenLock
-
     lock = JournalFileOpenLock(f"{Path(url).expanduser().resolve()}.setup")
     lock.acquire()
     try:

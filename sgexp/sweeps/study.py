@@ -25,11 +25,15 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
+from hydra import compose, initialize_config_dir
 from hydra.core.config_store import ConfigStore
 from omegaconf import MISSING, DictConfig, OmegaConf
 
-from sgexp.checks import fail
+from sgexp.checks import check_guidance_scale, check_positive_int, fail
 from sgexp.config import LoggerConfig, PathsConfig, SamplerConfig
+from sgexp.diffusion.guidance import RULES
+from sgexp.eval.settings import gamma, make_settings
+from sgexp.sweeps.space import RANGE_KEYS, FamilySpace
 
 if TYPE_CHECKING:
     import optuna
@@ -37,7 +41,6 @@ if TYPE_CHECKING:
 SWEEPS_DIR = Path(__file__).resolve().parents[2] / "sweeps"
 OBJECTIVES = ("fid", "gflops_per_sample", "relative_to_cfg", "seconds_per_sample")  # all minimised
 OPTUNA_SAMPLERS = ("tpe", "gp", "nsga2", "grid")
-RANGE_KEYS = ("scale", "gamma_strong", "gamma_weak", "gamma_weak_fraction")
 # What a trial's numbers depend on (``check_resume``): a resumed study must not change them.
 FROZEN_KEYS = ("family", "space", "objectives", "sampler", "samples_per_trial", "seed", "extractor", "reference_split")
 
@@ -123,8 +126,6 @@ def available_studies(sweeps_dir: Path = SWEEPS_DIR) -> list[str]:
 
 def load_study(name: str, overrides: Sequence[str] = (), sweeps_dir: Path = SWEEPS_DIR) -> DictConfig:
     """``sweeps/<name>.yaml`` composed with Hydra ``overrides`` (``key=value``), validated."""
-    from hydra import compose, initialize_config_dir
-
     studies = available_studies(sweeps_dir)
     if name not in studies:
         raise fail("study", name, f"no {Path(sweeps_dir) / (str(name) + '.yaml')}; the studies are {studies}")
@@ -146,17 +147,17 @@ def _as_range(key: str, value: Any) -> DictConfig:
             return r
     except Exception:  # omegaconf: unknown key, wrong type, not a mapping
         pass
-    raise fail(key, OmegaConf.to_container(value) if OmegaConf.is_config(value) else value,
-               "a range is {low: NUMBER, high: NUMBER} (and optionally log: true)")  # fmt: skip
+    plain = OmegaConf.to_container(value) if OmegaConf.is_config(value) else value
+    raise fail(key, plain, "a range is {low: NUMBER, high: NUMBER} (and optionally log: true)")
 
 
-def _check_range(key: str, r: DictConfig, lo: float, hi: float, hi_open: bool, what: str) -> None:
-    """``lo <= low < high <= hi`` (``< hi`` when ``hi_open``), finite, positive when log-uniform."""
+def _check_range(key: str, r: DictConfig) -> None:
+    """A well-formed range: finite, ``low < high``, positive when log-uniform, a step that fits.
+
+    Which values a parameter may take is the rule's business (``_check_family``, ``corner_settings``)."""
     low, high = float(r.low), float(r.high)
-    bad_hi = high >= hi if hi_open else high > hi
-    if not (math.isfinite(low) and math.isfinite(high)) or low < lo or bad_hi:
-        bound = f"[{lo:g}, {hi:g}{')' if hi_open else ']'}"
-        raise fail(key, dict(low=low, high=high), f"{what}: low and high must lie in {bound}")
+    if not (math.isfinite(low) and math.isfinite(high)):
+        raise fail(key, dict(low=low, high=high), "low and high must be finite numbers")
     if low >= high:
         raise fail(key, dict(low=low, high=high), "needs low < high (fix a value with `fixed` instead)")
     if r.log and low <= 0:
@@ -166,52 +167,58 @@ def _check_range(key: str, r: DictConfig, lo: float, hi: float, hi_open: bool, w
 
 
 def _check_family(prefix: str, name: str, fam: DictConfig, weak_checkpoint: str | None) -> None:
-    from sgexp.diffusion.guidance import RULES
-
+    """What is specific to a search space: its ranges, what it searches and how γ_w relates to γ_s over
+    the whole range. Whether each guidance setting is valid is the rule's to say: ``validate_study``
+    builds the rule at every corner of the space."""
     rule = fam.rule or name
     if rule not in RULES:
         raise fail(f"{prefix}.rule", rule, f"must be one of {list(RULES)} (set `rule` if the family name is not one)")
+    spec = RULES[rule]
     for key in RANGE_KEYS:
         if fam[key] is not None:
             fam[key] = _as_range(f"{prefix}.{key}", fam[key])
+            _check_range(f"{prefix}.{key}", fam[key])
     searched = [k for k in RANGE_KEYS if fam[k] is not None]
     if not searched:
         raise fail(prefix, name, f"searches nothing: give at least one range of {list(RANGE_KEYS)}")
     clash = sorted((set(searched) | {"rule"}) & set(fam.fixed))
     if clash:
         raise fail(f"{prefix}.fixed", dict(fam.fixed), f"keys {clash} are searched or set by `rule`")
-    if fam.scale is not None:
-        _check_range(f"{prefix}.scale", fam.scale, 1.0, math.inf, False, "guidance scale w >= 1")
-    for key in ("gamma_strong", "gamma_weak"):
-        if fam[key] is not None:
-            _check_range(f"{prefix}.{key}", fam[key], 0.0, 1.0, True, "sparsity γ")
-    if rule in ("cfg", "icg") and ({"gamma_strong", "gamma_weak", "gamma_weak_fraction"} & set(searched)):
-        raise fail(f"{prefix}", name, f"plain {rule.upper()} runs dense passes: search γ with the cfg_sg rule instead")
+    # A parameter the rule ignores would spend trials on one setting; the fraction u sets γ_w.
+    reads = ["scale", *spec.reads] if spec.weak is not None else list(spec.reads)
+    for key in searched:
+        if key.replace("_fraction", "") not in reads:
+            raise fail(f"{prefix}.{key}", dict(fam[key]), f"rule {rule!r} does not read it (it reads {reads})")
+    # Each end of a range must be a value of its parameter (the checks guidance itself applies), before
+    # the ranges are related to each other below.
+    for key in searched:
+        for end in (float(fam[key].low), float(fam[key].high)):
+            if key == "scale":
+                check_guidance_scale(f"{prefix}.scale", end)
+            elif key != "gamma_weak_fraction":
+                gamma(f"{prefix}.{key}", end)
+    gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
     if fam.gamma_weak_fraction is not None:
+        u = fam.gamma_weak_fraction
         if fam.gamma_weak is not None:
             raise fail(f"{prefix}.gamma_weak_fraction", "set", "give gamma_weak or gamma_weak_fraction, not both")
-        _check_range(f"{prefix}.gamma_weak_fraction", fam.gamma_weak_fraction, 0.0, 1.0, False, "fraction u")
-        if fam.gamma_weak_fraction.low <= 0:
-            raise fail(f"{prefix}.gamma_weak_fraction.low", fam.gamma_weak_fraction.low, "u > 0 keeps γ_s < γ_w")
-        gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
+        if not 0 < u.low < u.high <= 1:
+            raise fail(f"{prefix}.gamma_weak_fraction", dict(low=u.low, high=u.high), "u in (0, 1] keeps γ_s < γ_w")
         if not gs_max < fam.gamma_weak_max < 1.0:
             raise fail(f"{prefix}.gamma_weak_max", fam.gamma_weak_max, f"must lie in (max γ_s = {gs_max:g}, 1)")
-    elif rule == "sg" and fam.gamma_weak is not None:  # AG+SG guides with another model: any (γ_s, γ_w)
-        gs_max = fam.gamma_strong.high if fam.gamma_strong is not None else float(fam.fixed.get("gamma_strong", 0))
+    elif spec.ordered and fam.gamma_weak is not None:  # an independent γ_w range must stay above every γ_s
         if fam.gamma_weak.low <= gs_max:
             raise fail(
                 f"{prefix}.gamma_weak.low",
                 fam.gamma_weak.low,
-                f"admits γ_w <= γ_s (γ_s up to {gs_max:g}); SG needs γ_s < γ_w: use gamma_weak_fraction",
+                f"admits γ_w <= γ_s (γ_s up to {gs_max:g}); {spec.label} needs γ_s < γ_w: use gamma_weak_fraction",
             )
-    if rule in ("ag", "ag_sg") and not weak_checkpoint:
+    if spec.needs_weak_model and not weak_checkpoint:
         raise fail("weak_checkpoint", weak_checkpoint, f"family {name!r} (AutoGuidance) needs a weak checkpoint")
 
 
 def corner_settings(family: str, fam: DictConfig) -> list[dict]:
     """Guidance settings at every corner of a family's box: all valid iff the whole box is (monotone maps)."""
-    from sgexp.sweeps.space import FamilySpace
-
     space = FamilySpace.from_config(family, fam)
     corners = itertools.product(*[(d.low, d.high) for d in space.ranges.values()])
     return [space.setting(dict(zip(space.ranges, corner, strict=True))) for corner in corners]
@@ -219,16 +226,17 @@ def corner_settings(family: str, fam: DictConfig) -> list[dict]:
 
 def validate_study(cfg: DictConfig) -> None:
     """Every check that needs no checkpoint; raises ``ValueError`` naming the bad key."""
-    from sgexp.lit.eval_callback import make_settings
-
     if not cfg.family:
         raise fail("family", list(cfg.family), "name at least one family of `space`")
     for name in cfg.family:
         if name not in cfg.space:
             raise fail("family", list(cfg.family), f"{name!r} has no entry in space (has {sorted(cfg.space)})")
         _check_family(f"space.{name}", name, cfg.space[name], cfg.weak_checkpoint)
-        for i, setting in enumerate(corner_settings(name, cfg.space[name])):
-            make_settings({f"space.{name}.corner{i}": setting})  # a bad corner fails here, named
+        for corner in corner_settings(name, cfg.space[name]):
+            try:  # the rule decides which settings are valid; the error names the family
+                make_settings({name: corner}, prefix="space")
+            except ValueError as err:
+                raise ValueError(f"{err} (a corner of the searched ranges: {corner})") from None
     objectives = list(cfg.objectives)
     if len(objectives) != 2 or len(set(objectives)) != 2 or not set(objectives) <= set(OBJECTIVES):
         raise fail("objectives", objectives, f"two distinct minimised metrics of {list(OBJECTIVES)}")
@@ -236,9 +244,10 @@ def validate_study(cfg: DictConfig) -> None:
         raise fail("optuna.sampler", cfg.optuna.sampler, f"must be one of {list(OPTUNA_SAMPLERS)}")
     if cfg.optuna.sampler == "grid":
         _check_grid(cfg)
-    for key, least in (("n_trials", 1), ("samples_per_trial", 1), ("batch_size", 1), ("optuna.population_size", 2)):
-        if OmegaConf.select(cfg, key) < least:
-            raise fail(key, OmegaConf.select(cfg, key), f"must be >= {least}")
+    for key in ("n_trials", "samples_per_trial", "batch_size"):
+        check_positive_int(key, cfg[key])
+    if cfg.optuna.population_size < 2:
+        raise fail("optuna.population_size", cfg.optuna.population_size, "must be >= 2")
     if cfg.final_samples and cfg.final_samples <= cfg.samples_per_trial:
         raise fail("final_samples", cfg.final_samples, f"must be 0 (no re-evaluation) or > {cfg.samples_per_trial}")
     if cfg.final_samples < 0 or cfg.grid_size < 0 or cfg.optuna.n_startup_trials < 0:
@@ -249,7 +258,7 @@ def validate_study(cfg: DictConfig) -> None:
     if not 0 < cfg.heartbeat.interval <= cfg.heartbeat.timeout / 2:
         raise fail("heartbeat.interval", cfg.heartbeat.interval, "must be in (0, heartbeat.timeout / 2]")
     baselines = {f"baselines[{i}]": b for i, b in enumerate(OmegaConf.to_container(cfg.baselines))}
-    settings = make_settings(baselines)  # a bad baseline fails before any trial, named
+    settings = make_settings(baselines, prefix="")  # a bad baseline fails before any trial, named
     if any("weak" in s.rule.models for s in settings) and not cfg.weak_checkpoint:
         raise fail("weak_checkpoint", None, "a baseline uses AutoGuidance, which needs a weak checkpoint")
 
@@ -257,8 +266,6 @@ def validate_study(cfg: DictConfig) -> None:
 def _check_grid(cfg: DictConfig) -> None:
     """The grid sampler: one family, every searched range stepped, and no more trials than grid points
     plus baselines (beyond that Optuna's GridSampler would evaluate points again)."""
-    from sgexp.sweeps.space import FamilySpace
-
     if len(cfg.family) != 1:
         raise fail("optuna.sampler", "grid", f"searches one family, not {list(cfg.family)}")
     name = cfg.family[0]
@@ -294,16 +301,18 @@ def check_resume(study: optuna.Study, cfg: DictConfig, checkpoint: Path) -> None
     old_ckpt, old = study.user_attrs.get("checkpoint"), study.user_attrs.get("config")
     if old_ckpt is not None and old_ckpt != str(checkpoint):
         raise fail(
-            "checkpoint", str(checkpoint),
+            "checkpoint",
+            str(checkpoint),
             f"study {study.study_name!r} in this storage was run on {old_ckpt}: resume with --set "
             f"checkpoint={old_ckpt}, or start a new study (--set name=NEW or another --storage)",
-        )  # fmt: skip
+        )
     if old is not None:
         before, now = frozen_config(old), frozen_config(cfg)
         changed = {k: (before[k], now[k]) for k in FROZEN_KEYS if before[k] != now[k]}
         if changed:
             raise fail(
-                "study", study.study_name,
+                "study",
+                study.study_name,
                 f"resuming with changed {sorted(changed)} (stored, new: {changed}) would mix incomparable "
                 "trials: keep them, or start a new study (--set name=NEW or another --storage)",
-            )  # fmt: skip
+            )

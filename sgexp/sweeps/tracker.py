@@ -1,11 +1,10 @@
-"""What a sweep worker loads once and where it records: the evaluator and the MLflow runs.
+"""Where a study records in MLflow: ``Tracker``, the study's parent run and one child run per trial.
 
-- ``Evaluator`` (``sgexp.eval.evaluator``): the checkpoint's model(s), extractor and reference statistics,
-  loaded once per worker exactly as ``sgexp.evaluate`` loads them.
-- ``Tracker``: the study's MLflow parent run (created once; its id lives in the study attribute
-  ``mlflow_parent_run_id``, so every worker and every resume reuses it) and one nested child run per trial
-  (tag ``mlflow.parentRunId``; params = the setting; metrics; the sample grid). Tracking errors in child
-  runs are logged and do not fail a trial: a lost log line is cheaper than a lost evaluation.
+The parent run is created once; its id lives in the study attribute ``mlflow_parent_run_id``, so every
+worker and every resume reuses it. Each trial gets a nested child run (tag ``mlflow.parentRunId``;
+params = the setting; metrics; the sample grid). Tracking errors in child runs are logged and do not fail
+a trial: a lost log line is cheaper than a lost evaluation. (What a worker loads once, the model,
+extractor and reference statistics, is ``sgexp.eval.evaluator.Evaluator``.)
 """
 
 from __future__ import annotations
@@ -22,7 +21,7 @@ from omegaconf import DictConfig, OmegaConf
 
 from sgexp import run_record, tracking
 
-log = logging.getLogger("sgexp.sweeps.resources")
+log = logging.getLogger("sgexp.sweeps.tracker")
 
 
 class Tracker:
@@ -62,14 +61,17 @@ class Tracker:
         None if MLflow refused."""
         try:
             tags = {
-                "mlflow.parentRunId": self.parent, "sgexp.kind": "sweep-trial", "sgexp.study": self.study_name,
-                "sgexp.trial": str(number), "sgexp.family": str(family),
+                "mlflow.parentRunId": self.parent,
+                "sgexp.kind": "sweep-trial",
+                "sgexp.study": self.study_name,
+                "sgexp.trial": str(number),
+                "sgexp.family": str(family),
                 **{k: str(v) for k, v in (extra_tags or {}).items()},
-            }  # fmt: skip
+            }
             run = self.client.create_run(
                 self.experiment_id, run_name=f"{self.study_name}/trial-{number:04d}", tags=tags
             )
-            params = run_record.flatten_params({"trial": number, "family": family, **setting})
+            params = tracking.flatten_params({"trial": number, "family": family, **setting})
             self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
             return run.info.run_id
         except Exception as err:

@@ -1,11 +1,11 @@
 """Map the FID-versus-FLOPs trade-off of a guidance rule with an Optuna study on a trained checkpoint.
 
-    python -m sgexp.sweep --study sparsity_pareto                       # latest checkpoint, sweeps/sparsity_pareto.yaml
-    python -m sgexp.sweep --study cfg_scale --workers 2 --n-trials 20
-    python -m sgexp.sweep --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
-    python -m sgexp.sweep --study sparsity_pareto --report              # report only, from the storage
-    python -m sgexp.sweep --study sparsity_pareto --slurm-array 8 --slurm-args="--partition=gpu --gpus=1" \
-        --tracking-uri http://login1:5000                               # 8 SLURM worker jobs, one journal
+    python -m sgexp.sweeps --study sparsity_pareto                      # latest checkpoint, sweeps/sparsity_pareto.yaml
+    python -m sgexp.sweeps --study cfg_scale --workers 2 --n-trials 20
+    python -m sgexp.sweeps --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
+    python -m sgexp.sweeps --study sparsity_pareto --report              # report only, from the storage
+    python -m sgexp.sweeps --study sparsity_pareto --slurm-array 8 --slurm-args="--partition=gpu --gpus=1" \\
+        --tracking-uri http://login1:5000                                # 8 SLURM worker jobs, one journal
 
 Re-running a command resumes its study (same storage: ``runs/optuna/<study>.log`` by default). Ends with
 the Pareto table, the report directory and the MLflow parent run. See ``sgexp.sweeps.driver``.
@@ -15,14 +15,19 @@ from __future__ import annotations
 
 import argparse
 import logging
+import sys
 import warnings
 from pathlib import Path
 
-from sgexp.sweeps.config import available_studies
+import optuna
+from rich.console import Console
+from rich.logging import RichHandler
+
+from sgexp.sweeps.study import available_studies, load_study
 
 
 def parse(argv: list[str] | None = None) -> argparse.Namespace:
-    parser = argparse.ArgumentParser(prog="python -m sgexp.sweep", description=__doc__.split("\n")[0])
+    parser = argparse.ArgumentParser(prog="python -m sgexp.sweeps", description=__doc__.split("\n")[0])
     parser.add_argument("--study", required=True, help=f"a file of sweeps/: {', '.join(available_studies())}")
     parser.add_argument("--storage", help="journal file or RDB URL (default runs/optuna/<study>.log)")
     parser.add_argument("--workers", type=int, default=1, help="local worker processes (%(default)s)")
@@ -31,7 +36,7 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--final-samples", type=int, help="override final_samples (Pareto re-evaluation; 0: none)")
     parser.add_argument("--report", action="store_true", help="only write the report of the stored study")
     parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="Hydra override (repeatable)")
-    slurm = parser.add_argument_group("SLURM (see sgexp.sweeps.slurm)")
+    slurm = parser.add_argument_group("SLURM (see sgexp.sweeps.array)")
     slurm.add_argument("--slurm-array", type=int, metavar="K", help="submit K worker jobs (a job array) and return")
     slurm.add_argument("--slurm-args", default="", help='more sbatch options: --slurm-args="--partition=gpu --time=60"')
     slurm.add_argument("--slurm-cpus", type=int, default=1, help="CPUs per worker job (%(default)s)")
@@ -56,15 +61,11 @@ def _override(items: list[str], key: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
-    import optuna
-    from rich.console import Console
-    from rich.logging import RichHandler
-
-    from sgexp.sweeps import driver
-    from sgexp.sweeps.config import load_study
+    args = parse(argv)
+    # After parsing, so that --help stays fast: these bring in MLflow and Lightning (seconds).
+    from sgexp.sweeps import array, driver
     from sgexp.sweeps.progress import LiveProgress, print_summary
 
-    args = parse(argv)
     if args.slurm_array is not None and args.slurm_array < 1:
         raise ValueError(f"--slurm-array={args.slurm_array} is invalid: the number of worker jobs, an integer >= 1")
     if args.slurm_array is not None and args.workers != 1:
@@ -84,9 +85,7 @@ def main(argv: list[str] | None = None) -> dict:
             storage = args.storage or str(runs.resolve() / "optuna" / f"{name}.log")
             summary = driver.run_report(name, storage, args.tracking_uri)
         elif args.slurm_worker:
-            from sgexp.sweeps.slurm import run_worker
-
-            return {"ran": run_worker(args.study, overrides(args), args.storage, args.tracking_uri)}
+            return {"ran": array.run_worker(args.study, overrides(args), args.storage, args.tracking_uri)}
         elif args.slurm_array is not None:
             summary = submit_array(args, console)
             if summary is None:
@@ -101,20 +100,20 @@ def main(argv: list[str] | None = None) -> dict:
         logger.removeHandler(handler)
 
 
-def submit_array(args: argparse.Namespace, console) -> dict | None:
+def submit_array(args: argparse.Namespace, console: Console) -> dict | None:
     """--slurm-array K: start the study here, submit the workers; with --wait, also finish and report."""
-    from sgexp import slurm
-    from sgexp.sweeps import driver
-    from sgexp.sweeps.config import load_study
-    from sgexp.sweeps.slurm import submit_array as submit
+    from sgexp import slurm  # with the driver (see main): only a submission needs them
+    from sgexp.sweeps import array, driver
 
     slurm.require_sbatch()
     session = driver.start(load_study(args.study, overrides(args)), args.storage, args.tracking_uri)
-    job_id, script = submit(session, args.study, overrides(args), args.slurm_array, args.slurm_cpus, args.slurm_args)
+    job_id, script = array.submit(
+        session, args.study, overrides(args), args.slurm_array, args.slurm_cpus, args.slurm_args
+    )
     console.print(f"submitted SLURM array {job_id} ({args.slurm_array} workers): {script}")
     console.print(f"  storage {session.storage_url}    queue: squeue -j {job_id}")
     if not args.wait:
-        report = f"python -m sgexp.sweep --study {args.study} --storage {session.storage_url} --report"
+        report = f"python -m sgexp.sweeps --study {args.study} --storage {session.storage_url} --report"
         console.print(f"  report any time: {report}")
         return None
     slurm.wait(job_id, args.wait_timeout)
@@ -127,9 +126,8 @@ def submit_array(args: argparse.Namespace, console) -> dict | None:
     return driver.finish(session)
 
 
-if __name__ == "__main__":
-    import sys
-
+def command_line() -> None:
+    """``python -m sgexp.sweeps``: ``main`` with bad input reported as one line, not a traceback."""
     try:
         main()
     except (ValueError, FileNotFoundError, TimeoutError) as err:  # bad input: the message says what to do
