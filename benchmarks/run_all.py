@@ -1,11 +1,12 @@
-"""Run the CPU benchmark set (``make bench``): training step, sampling step, router, evaluation, data resume.
+"""Run the CPU benchmark set (``make bench``): training step, sampling step, router, evaluation, data resume,
+bootstrap intervals.
 
 Each benchmark prints its table and writes ``<results>/<name>.json``; this entry
 point adds ``summary.json`` with the headline numbers (realised fractions of the
 analytic savings, router share, throughputs, data-resume times) and says whether
 the 90% goals hold.
 
-    python -m benchmarks.run_all                       # ~7 min on 2 cores, 1 thread
+    python -m benchmarks.run_all                       # ~7 min on 2 cores, 1 thread, + the bootstrap intervals
     python -m benchmarks.run_all --quick               # tiny sizes, 3 repeats: a smoke run
     python -m benchmarks.run_all --threads 0           # torch's default thread count (a quiet machine)
 """
@@ -15,12 +16,14 @@ from __future__ import annotations
 import argparse
 import time
 
-from benchmarks import data_resume, eval_throughput, router, sampling_step, timing, train_step
+from benchmarks import bootstrap, data_resume, eval_throughput, router, sampling_step, timing, train_step
 
 GOAL = 0.9  # routed training and SG sampling should realise >= 90% of the analytic saving
 
 
-def summarise(train: dict, sampling: dict, routing: dict, evaluation: dict | None, data: dict) -> dict:
+def summarise(
+    train: dict, sampling: dict, routing: dict, evaluation: dict | None, data: dict, intervals: dict | None = None
+) -> dict:
     rows = []
     for r in train["rows"]:
         rows.append(
@@ -74,6 +77,17 @@ def summarise(train: dict, sampling: dict, routing: dict, evaluation: dict | Non
             "seconds": {str(r["start_batch"]): r["seconds"]["median"] for r in data["rows"]},
             "ratio_1e6_to_10": data["ratio_1e6_to_10"]["median"],
         },
+        # seconds sgexp.evaluate adds per setting (bootstrap=1000) and for two settings with their pair
+        "bootstrap": [
+            {
+                "what": f"{r['samples']} x {r['dim']} ({r['method']})",
+                "fid_interval_seconds": r["fid_interval_seconds"],
+                "two_settings_and_pair_seconds": r["two_settings_and_pair_seconds"],
+            }
+            for r in intervals["rows"]
+        ]
+        if intervals
+        else [],
     }
 
 
@@ -83,6 +97,7 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--repeats", type=int, default=5)
     ap.add_argument("--quick", action="store_true", help="smallest sizes, 3 repeats (a smoke run)")
     ap.add_argument("--skip-eval", action="store_true", help="leave out the evaluation-throughput benchmark")
+    ap.add_argument("--skip-bootstrap", action="store_true", help="leave out the bootstrap-interval benchmark")
     ap.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     args = ap.parse_args(argv)
     common = ["--repeats", str(3 if args.quick else args.repeats), "--warmup", "1"]
@@ -98,7 +113,11 @@ def main(argv: list[str] | None = None) -> dict:
         eval_args = ["--batch", "8", "--steps", "2", "--inception-batch", "2"] if args.quick else []
         evaluation = eval_throughput.main(common + eval_args)
     data = data_resume.main(common + (["--shards", "8", "--samples", "100"] if args.quick else []))
-    summary = summarise(train, sampling, routing, evaluation, data)
+    intervals = None
+    if not args.skip_bootstrap:
+        quick_sizes = ["--sizes", "1000,5000", "--dim", "256", "--n-boot", "200"]
+        intervals = bootstrap.main((quick_sizes if args.quick else []) + (["--out", args.out] if args.out else []))
+    summary = summarise(train, sampling, routing, evaluation, data, intervals)
     summary["seconds"] = time.perf_counter() - start
     if args.quick:  # tiny models are overhead-bound, not compute-bound: the goal does not apply
         summary["goal_met"] = None

@@ -1,10 +1,13 @@
 """Which of the papers' claims hold at this scale: one line per claim, with its verdict and numbers.
 
-Every verdict is computed from the record with one rule, fixed before the run: a difference in FID
-counts only when it exceeds the seed-to-seed noise that DESIGN.md measured on this kind of model
-(``references.FID_NOISE``: ±5 FID at 1,000 samples), scaled by sqrt(1000 / samples) for other sample
-counts. Smaller differences are reported as inconclusive, whichever way they point. Numbers quoted
-from the papers and benchmarks come from ``references``.
+Every verdict is computed from the record with rules fixed before the run. Two settings scored in one
+evaluation share their sample indices (common random numbers), and ``sgexp.evaluate`` gives each pair
+a paired bootstrap interval of the FID difference (``sgexp.eval.bootstrap``; the record's rows carry it
+under ``paired``): the difference counts when that interval excludes 0. For rows from different
+evaluations (other models, other stages) the fallback is the seed-to-seed noise that DESIGN.md measured
+on this kind of model (``references.FID_NOISE``: ±5 FID at 1,000 samples), scaled by
+sqrt(1000 / samples) for other sample counts. Smaller differences are reported as inconclusive,
+whichever way they point. Numbers quoted from the papers and benchmarks come from ``references``.
 """
 
 from __future__ import annotations
@@ -13,6 +16,7 @@ import math
 
 from reproduce.references import CPU_BENCH, FID_NOISE, PAPER
 from sgexp.diffusion.guidance import RULES
+from sgexp.eval.bootstrap import sign
 
 MISSING = "_not run yet_"
 
@@ -21,8 +25,20 @@ def noise(samples: int) -> float:
     return FID_NOISE["fid"] * math.sqrt(FID_NOISE["samples"] / samples)
 
 
-def verdict(gain: float, samples: int) -> str:
-    """``gain`` is how much lower (better) the FID the claim predicts is; positive supports the claim."""
+def paired_ci(x: dict, y: dict) -> list[float] | None:
+    """The paired interval of FID(x) − FID(y) when both rows come from one evaluation, else None."""
+    entry = (x.get("paired") or {}).get(y.get("setting"))
+    return entry["ci"] if entry else None
+
+
+def verdict(gain: float, samples: int, ci: list[float] | None = None) -> str:
+    """``gain`` is how much lower (better) the FID the claim predicts is; positive supports the claim.
+
+    ``ci``: the paired interval of that same difference (``paired_ci``), which decides when given;
+    otherwise the ±noise rule."""
+    if ci is not None:
+        word = {1: "holds", -1: "does not hold", 0: "inconclusive"}[sign(ci)]
+        return f"**{word}** (difference {gain:+.1f}, paired interval [{ci[0]:+.1f}, {ci[1]:+.1f}])"
     m = noise(samples)
     if gain > m:
         return "**holds**"
@@ -94,14 +110,15 @@ def guidance_claims(record: dict) -> list[str]:
         a, b = g["none"], g["none_sparse"]
         out.append(
             "- SG paper: without guidance (w = 1), test-time sparsity degrades the samples: "
-            f"{verdict(b['fid'] - a['fid'], n)}: FID {a['fid']:.1f} at γ=0 vs {b['fid']:.1f} at "
+            f"{verdict(b['fid'] - a['fid'], n, paired_ci(b, a))}: FID {a['fid']:.1f} at γ=0 vs {b['fid']:.1f} at "
             f"γ={b['gamma_strong']:g}."
         )
     sg, cfg, cfg_sg = ([r for r in g.values() if r["rule"] == rule] for rule in ("sg", "cfg", "cfg_sg"))
     if sg and "none" in g:
         best = min(sg, key=lambda r: r["fid"])
+        holds = verdict(g["none"]["fid"] - best["fid"], n, paired_ci(g["none"], best))
         out.append(
-            f"- SG improves on the unguided model: {verdict(g['none']['fid'] - best['fid'], n)}: best SG "
+            f"- SG improves on the unguided model: {holds}: best SG "
             f"({setting(best)}) FID {best['fid']:.1f} vs unguided {g['none']['fid']:.1f}."
         )
     if sg and cfg:
@@ -109,9 +126,9 @@ def guidance_claims(record: dict) -> list[str]:
         out.append(
             f"- SG paper (SG_FLOPS, γ = {_pair(PAPER['sg_flops_gammas'])}): SG reaches a lower FID than CFG "
             f"({PAPER['fid_sg_flops']:.2f} vs {PAPER['fid_cfg']:.2f} on ImageNet): "
-            f"{verdict(bc['fid'] - bs['fid'], n)}: best SG ({setting(bs)}) FID {bs['fid']:.1f} vs best CFG "
-            f"({setting(bc)}) {bc['fid']:.1f}, at {bs['gflops_per_sample'] / bc['gflops_per_sample']:.2f}× its "
-            "GFLOPs."
+            f"{verdict(bc['fid'] - bs['fid'], n, paired_ci(bc, bs))}: best SG ({setting(bs)}) FID {bs['fid']:.1f} "
+            f"vs best CFG ({setting(bc)}) {bc['fid']:.1f}, at "
+            f"{bs['gflops_per_sample'] / bc['gflops_per_sample']:.2f}× its GFLOPs."
         )
     if sg and "none" in g:
         rel = sg[0]["gflops_per_sample"] / g["none"]["gflops_per_sample"]
@@ -126,15 +143,19 @@ def guidance_claims(record: dict) -> list[str]:
             f"CFG. The saving depends on how much of the network the route covers: {where}, {_paper_route()} in "
             f"{PAPER['model']}."
         )
-    parts, gains, cfg_at = [], [], {c["scale"]: c for c in cfg}
+    parts, matches, cfg_at = [], [], {c["scale"]: c for c in cfg}
     for r in sorted(cfg_sg, key=lambda r: r["scale"]):
         if (c := cfg_at.get(r["scale"])) is not None:
-            gains.append(c["fid"] - r["fid"])
+            # matches or better: not clearly worse (its paired interval reaches 0, or within the noise)
+            ci = paired_ci(c, r)
+            matches.append(ci[1] >= 0 if ci is not None else c["fid"] - r["fid"] > -noise(n))
+            where = f", paired interval of CFG − CFG+SG [{ci[0]:+.1f}, {ci[1]:+.1f}]" if ci is not None else ""
             parts.append(
                 f"w={r['scale']:g}: {r['fid']:.1f} vs CFG {c['fid']:.1f} at {r['relative_to_cfg']:.2f}× its GFLOPs"
+                + where
             )
-    if gains:
-        text = "**holds**" if min(gains) > -noise(n) else "**does not hold**"
+    if matches:
+        text = "**holds**" if all(matches) else "**does not hold**"
         out.append(
             "- CFG+SG (Eq. 8) keeps CFG's quality at fewer FLOPs (matches within the noise or better): "
             f"{text}: " + "; ".join(parts) + "."
@@ -154,11 +175,17 @@ def heatmap_claims(record: dict) -> list[str]:
     same = "**holds**" if diff <= noise(n) else "**does not hold**"
     s1, s2 = b1["gamma_strong"] + b1["gamma_weak"], b2["gamma_strong"] + b2["gamma_weak"]
     # The valley moved only if, at the larger w, the smaller w's best cell is clearly worse than the new best.
-    at_w2 = {(r["gamma_strong"], r["gamma_weak"]): r["fid"] for r in maps[-1][1]}
-    gain = at_w2[(b1["gamma_strong"], b1["gamma_weak"])] - b2["fid"]
+    at_w2 = {(r["gamma_strong"], r["gamma_weak"]): r for r in maps[-1][1]}
+    old_best = at_w2[(b1["gamma_strong"], b1["gamma_weak"])]
+    gain, ci = old_best["fid"] - b2["fid"], paired_ci(old_best, b2)  # one evaluation: paired when recorded
     if s1 == s2:
         moves = "**does not hold** (the same best cell)"
-    elif gain <= noise(n):
+    elif ci is not None and sign(ci) <= 0:
+        moves = (
+            f"**inconclusive** (at w={w2:g} the two best cells differ by {gain:.1f}, paired interval "
+            f"[{ci[0]:+.1f}, {ci[1]:+.1f}])"
+        )
+    elif ci is None and gain <= noise(n):
         moves = f"**inconclusive** (at w={w2:g} the two best cells differ by {gain:.1f}, within ±{noise(n):.1f})"
     else:
         moves = "**holds**" if s2 > s1 else "**does not hold** (it moves to lower sparsity)"
@@ -195,5 +222,10 @@ def sweep_claims(record: dict) -> list[str]:
             detail += (
                 f"; re-scored on {p['sweep_final_samples']} samples: {'confirmed' if confirmed else 'not confirmed'}"
             )
-    detail += f". Screening FIDs on {p['sweep_samples']} samples carry about ±{noise(p['sweep_samples']):.0f} of noise."
+    if "paired interval" in (v.get("decided_by") or []):
+        detail += f". Decided by paired bootstrap intervals on {p['sweep_samples']} common samples."
+    else:
+        detail += (
+            f". Screening FIDs on {p['sweep_samples']} samples carry about ±{noise(p['sweep_samples']):.0f} of noise."
+        )
     return [f"{claim}: {text} ({v.get('n_better', 0)} of {v.get('n_candidates', 0)} SG trials): {detail}"]

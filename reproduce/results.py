@@ -17,7 +17,16 @@ from sgexp.flops import gflops_per_pass
 from sgexp.models.dit import DiTConfig
 from sgexp.runs import checkpoint_step, open_checkpoint
 
-ROW_KEYS = ("fid", "precision", "recall", "class_accuracy", "gflops_per_sample", "relative_to_cfg")
+ROW_KEYS = (
+    "fid",
+    "fid_ci",
+    "precision",
+    "precision_ci",
+    "recall",
+    "class_accuracy",
+    "gflops_per_sample",
+    "relative_to_cfg",
+)
 ROW_KEYS += ("seconds_per_sample", "num_samples", "grid")
 
 
@@ -44,6 +53,10 @@ def _rows(stage: Stage) -> dict[str, dict]:
             "metric": results["metric"],
             **{k: row.get(k) for k in ROW_KEYS},
         }
+    for p in results.get("paired", []):  # paired bootstrap intervals of a − b on the same sample indices
+        if p["a"] in out and p["b"] in out:
+            out[p["a"]].setdefault("paired", {})[p["b"]] = {"diff": p["diff"], "ci": p["ci"]}
+            out[p["b"]].setdefault("paired", {})[p["a"]] = {"diff": -p["diff"], "ci": [-p["ci"][1], -p["ci"][0]]}
     return out
 
 

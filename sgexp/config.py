@@ -245,6 +245,8 @@ class EvaluateConfig:
     num_samples: int = 1000
     batch_size: int = 250  # per process
     seed: int = 0  # every setting is scored on the same sample indices (same noise and labels)
+    labels: str = "balanced"  # balanced: i mod C; uniform: drawn per index, as DiT's sample_ddp.py (ImageNet protocols)
+    save_npz: bool = False  # also write <out_dir>/<setting>.npz (arr_0 uint8 NHWC, labels) for ADM's evaluator
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
     extractor: str = "auto"  # auto: the dataset's classifier if trained (domain FID), else inception; or classifier
     inception_weights: str | None = None  # or SGEXP_INCEPTION_WEIGHTS
@@ -252,6 +254,8 @@ class EvaluateConfig:
     reference_batch: str | None = None  # an ADM reference npz, e.g. VIRTUAL_imagenet256_labeled.npz
     vae: str | None = None  # latent datasets: load meta.json's VAE from here instead (same weights)
     grid_size: int = 100
+    bootstrap: int = 1000  # redraws of the sample indices for fid_ci and the paired intervals; 0: none
+    ci_level: float = 0.95  # confidence level of those intervals
     device: str = "auto"
     out_dir: str | None = None  # default: <run dir of the checkpoint>/eval/<timestamp>
     logger: LoggerConfig = field(default_factory=LoggerConfig)

@@ -6,16 +6,19 @@
     python -m sgexp.evaluate guidance=[ag_sg] weak_checkpoint=runs/.../checkpoints/step-0001000.ckpt
 
 Every setting is scored on the same sample indices (same noise, labels and routing
-seeds), so differences between rows are differences between settings. Prints a
-table, writes ``results.json`` and sample grids, and logs an MLflow run nested
-under the training run. ``run(cfg)`` is what tests call through the compose API.
+seeds), so differences between rows are differences between settings. Each FID (and
+precision) gets a bootstrap interval over the sample indices (``bootstrap`` redraws,
+``ci_level``), and each pair of settings a *paired* interval of its FID difference
+(``sgexp.eval.bootstrap``): a pair whose interval excludes 0 differs beyond the noise of
+the sample draw. Prints the tables, writes ``results.json`` (rows with ``fid_ci``, and
+``paired``) and sample grids, and logs an MLflow run nested under the training run.
+``run(cfg)`` is what tests call through the compose API.
 """
 
 from __future__ import annotations
 
 import json
 import logging
-import os
 import sys
 from datetime import datetime
 from pathlib import Path
@@ -24,12 +27,12 @@ import hydra
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
-from rich.progress import Progress
 from rich.table import Table
 
 from sgexp import run_record, runs, tracking
-from sgexp.checks import check_positive_int
+from sgexp.checks import check_positive_int, fail
 from sgexp.config import register_configs
+from sgexp.eval.bootstrap import check_level, compare_settings, sign
 from sgexp.eval.evaluator import load_evaluator
 from sgexp.eval.settings import make_settings
 
@@ -55,6 +58,9 @@ def run(cfg: DictConfig) -> dict:
     cfg.paths.root = str(root)
     check_positive_int("num_samples", cfg.num_samples)
     check_positive_int("batch_size", cfg.batch_size)
+    if isinstance(cfg.bootstrap, bool) or not isinstance(cfg.bootstrap, int) or cfg.bootstrap < 0:
+        raise fail("bootstrap", cfg.bootstrap, "must be an integer >= 0 (redraws of the sample indices; 0: none)")
+    check_level(cfg.ci_level, "ci_level")
     settings = make_settings(OmegaConf.to_container(cfg.guidance, resolve=True))
     if not settings:
         raise ValueError("guidance={} is invalid: select at least one setting, e.g. guidance=[none,cfg,sg]")
@@ -72,21 +78,27 @@ def run(cfg: DictConfig) -> dict:
     out_dir = Path(cfg.out_dir) if cfg.out_dir else run_dir / "eval" / datetime.now().strftime("%Y%m%d-%H%M%S")
     out_dir.mkdir(parents=True, exist_ok=True)
 
-    rows = []
-    with Progress(disable=os.environ.get("RANK", "0") != "0") as progress:
-        for setting in settings:
-            task = progress.add_task(f"{setting.name:>12}", total=cfg.num_samples)
-            rows.append(
-                evaluator.score(
-                    setting.name,
-                    setting,
-                    cfg.num_samples,
-                    cfg.seed,
-                    out_dir / f"{setting.name}.png",
-                    cfg.grid_size,
-                    progress=lambda n, task=task: progress.advance(task, n),
-                )
-            )
+    rows, features = [], {}
+    for setting in settings:  # each pass shows its own progress (sgexp.eval.progress)
+        row, features[setting.name] = evaluator.score_with_features(
+            setting.name,
+            setting,
+            cfg.num_samples,
+            cfg.seed,
+            out_dir / f"{setting.name}.png",
+            cfg.grid_size,
+            labels=cfg.labels,
+            npz=out_dir / f"{setting.name}.npz" if cfg.save_npz else None,
+        )
+        rows.append(row)
+    paired = []
+    if cfg.bootstrap:  # every setting on the same indices: one set of redraws serves all rows and pairs
+        by_name = {row["setting"]: row for row in rows}
+        cis, paired = compare_settings(
+            features, by_name, evaluator.reference, cfg.bootstrap, cfg.ci_level, seed=cfg.seed
+        )
+        for row in rows:
+            row.update(cis[row["setting"]])
 
     results = {
         "checkpoint": str(ckpt),
@@ -97,7 +109,9 @@ def run(cfg: DictConfig) -> dict:
         "reference": evaluator.reference_name,  # dataset/split, or the ADM reference batch file
         "num_samples": cfg.num_samples,
         "seed": cfg.seed,
+        "ci": {"level": cfg.ci_level, "bootstrap": cfg.bootstrap},
         "rows": rows,
+        "paired": paired,  # FID(a) - FID(b) with its paired interval, for every pair of settings
     }
     (out_dir / "results.json").write_text(json.dumps(results, indent=2))
     _print_table(results)
@@ -114,9 +128,29 @@ def _print_table(results: dict) -> None:
     for key, _ in COLUMNS:
         table.add_column(key.replace("_", " "), justify="left" if key in ("setting", "strong", "weak") else "right")
     for row in results["rows"]:
-        table.add_row(*(fmt.format(row[key]) if row.get(key) is not None else "-" for key, fmt in COLUMNS))
+        table.add_row(*(_cell(row, key, fmt) for key, fmt in COLUMNS))
     # Logs and CI capture stdout: give the table room instead of rich's 80-column default.
-    Console(width=None if sys.stdout.isatty() else 180).print(table)
+    console = Console(width=None if sys.stdout.isatty() else 180)
+    console.print(table)
+    if results["paired"]:
+        level = f"{100 * results['ci']['level']:g}%"
+        pairs = Table(title=f"paired differences, same {results['num_samples']} sample indices ({level} intervals)")
+        for name in ("a", "b", f"{results['metric']} a - b", f"{level} interval", "verdict"):
+            pairs.add_column(name, justify="left" if name in ("a", "b", "verdict") else "right")
+        for p in results["paired"]:
+            verdict = {-1: "a lower", 1: "b lower", 0: "inconclusive"}[sign(p["ci"])]
+            pairs.add_row(p["a"], p["b"], f"{p['diff']:+.2f}", "[{:+.2f}, {:+.2f}]".format(*p["ci"]), verdict)
+        console.print(pairs)
+
+
+def _cell(row: dict, key: str, fmt: str) -> str:
+    """A table cell; a metric with an interval prints as ``12.34 [11.02, 13.90]``."""
+    if row.get(key) is None:
+        return "-"
+    text = fmt.format(row[key])
+    if f"{key}_ci" in row:
+        text += " [{}, {}]".format(*(fmt.format(v) for v in row[f"{key}_ci"]))
+    return text
 
 
 def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_uri: str, root: Path) -> str:
@@ -134,8 +168,19 @@ def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_ur
         for key, value in row.items():
             if isinstance(value, (int, float)) and not isinstance(value, bool):
                 client.log_metric(run_id, f"{row['setting']}/{key}", float(value), step=max(results["step"], 0))
+            elif key.endswith("_ci"):
+                for end, bound in zip(("low", "high"), value, strict=True):
+                    client.log_metric(
+                        run_id, f"{row['setting']}/{key}_{end}", float(bound), step=max(results["step"], 0)
+                    )
         if "grid" in row:
             client.log_artifact(run_id, row["grid"], "samples")
+    for p in results["paired"]:
+        values = {"diff": p["diff"], "ci_low": p["ci"][0], "ci_high": p["ci"][1]}
+        for key, value in values.items():
+            client.log_metric(
+                run_id, f"paired/{p['a']}-{p['b']}/{p['metric']}_{key}", float(value), step=max(results["step"], 0)
+            )
     client.log_artifact(run_id, str(out_dir / "results.json"))
     client.set_terminated(run_id)
     return run_id

@@ -82,6 +82,17 @@ def test_evaluate_scores_each_setting(trained):
     assert rows["sg_w1"]["fid"] == rows["none_05"]["fid"]
     assert rows["sg_w1"]["class_accuracy"] == rows["none_05"]["class_accuracy"]
     assert rows["none"]["fid"] != rows["none_05"]["fid"]
+    # Bootstrap intervals over the sample indices, and one paired interval per pair of settings.
+    for row in rows.values():
+        assert row["fid_ci"][0] < row["fid"] < row["fid_ci"][1]
+        assert row["precision_ci"][0] <= row["precision"] <= row["precision_ci"][1]
+    paired = {(p["a"], p["b"]): p for p in results["paired"]}
+    assert len(results["paired"]) == len(paired) == len(rows) * (len(rows) - 1) // 2
+    for (a, b), p in paired.items():
+        assert p["metric"] == "fid" and p["diff"] == rows[a]["fid"] - rows[b]["fid"]
+        assert p["ci"][0] <= p["diff"] <= p["ci"][1]
+    same = paired.get(("sg_w1", "none_05")) or paired[("none_05", "sg_w1")]
+    assert same["diff"] == 0 and same["ci"] == [0.0, 0.0]  # the same samples in every redraw
     # Costs are the analytic model's, for the rule as run.
     config = FlowMatchingModule.load_from_checkpoint(result.checkpoint, map_location="cpu").config
     sampler = Sampler("euler", 4)
@@ -96,6 +107,8 @@ def test_evaluate_scores_each_setting(trained):
     run = client.get_run(results["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == result.mlflow_run_id  # nested under the training run
     assert run.data.metrics["sg/fid"] == pytest.approx(rows["sg"]["fid"])
+    assert run.data.metrics["sg/fid_ci_low"] == pytest.approx(rows["sg"]["fid_ci"][0])
+    assert run.data.metrics["sg/fid_ci_high"] == pytest.approx(rows["sg"]["fid_ci"][1])
 
 
 def test_results_do_not_depend_on_the_batch_size(trained):
@@ -105,7 +118,13 @@ def test_results_do_not_depend_on_the_batch_size(trained):
             compose_config(
                 "evaluate",
                 eval_overrides(
-                    tmp, shards, str(result.run_dir), "guidance=[sg]", f"batch_size={b}", "logger.enabled=false"
+                    tmp,
+                    shards,
+                    str(result.run_dir),
+                    "guidance=[sg]",
+                    f"batch_size={b}",
+                    "logger.enabled=false",
+                    "bootstrap=0",
                 ),
             )
         )
@@ -114,6 +133,7 @@ def test_results_do_not_depend_on_the_batch_size(trained):
     a, b = (r["rows"][0] for r in runs)
     assert a["fid"] == pytest.approx(b["fid"], rel=1e-4)
     assert a["class_accuracy"] == b["class_accuracy"]
+    assert "fid_ci" not in a and runs[0]["paired"] == []  # bootstrap=0: no intervals
 
 
 @pytest.mark.parametrize(
@@ -122,6 +142,8 @@ def test_results_do_not_depend_on_the_batch_size(trained):
         (["guidance=[ag]"], ValueError, "weak_checkpoint=None is invalid"),
         (["guidance=[sg]", "guidance.sg.gamma_strong='0.95'"], ValueError, "gamma_strong=0.95 is invalid"),
         (["extractor=inception"], Exception, "inception-2015-12-05.pt"),
+        (["bootstrap=-1"], ValueError, "bootstrap=-1 is invalid"),
+        (["ci_level=95"], ValueError, r"ci_level=95.0 is invalid: a confidence level"),
     ],
 )
 def test_bad_input_fails_before_sampling(trained, extra, error, match):

@@ -224,7 +224,7 @@ def test_icg_random_class_comes_from_the_per_index_seeds_and_is_fixed_over_the_t
     assert all(torch.equal(y, c_rand) for y in log[0::2]) and all(torch.equal(y, labels) for y in log[1::2])
     # Per index: the same c̃ and the same sample whatever the batch; c̃ has its own stream, not the label's.
     assert torch.equal(torch.cat([random_labels([i], 5, 7) for i in indices]), c_rand)
-    assert not torch.equal(random_labels(range(64), 5, 7), sample_labels(range(64), 5, 7, "random"))
+    assert not torch.equal(random_labels(range(64), 5, 7), sample_labels(range(64), 5, 7, "uniform"))
     parts = [generate(sampler, icg(2.0), models, batch, shape, 5, base_seed=7)[0] for batch in ([0, 1, 2, 3], [4, 5])]
     torch.testing.assert_close(torch.cat(parts), full, rtol=0, atol=1e-6)
     with pytest.raises(ValueError, match=r"random_labels=None is invalid: guidance 'icg' needs a random class"):

@@ -49,11 +49,11 @@ def test_seeds_and_labels():
     assert index_seed(0, 1, 0) != index_seed(0, 2, 0) != index_seed(1, 1, 0)
     assert index_seed(0, 1, 0) != index_seed(0, 1, 1)
     assert sample_labels(range(10), 5, 0).tolist() == [0, 1, 2, 3, 4, 0, 1, 2, 3, 4]
-    random = sample_labels(range(200), 5, 0, "random")
-    assert torch.equal(sample_labels([150, 3], 5, 0, "random"), random[[150, 3]])
-    assert set(random.tolist()) == {0, 1, 2, 3, 4}
-    with pytest.raises(ValueError, match="label_mode='uniform' is invalid"):
-        sample_labels([0], 5, 0, "uniform")
+    uniform = sample_labels(range(200), 5, 0, "uniform")
+    assert torch.equal(sample_labels([150, 3], 5, 0, "uniform"), uniform[[150, 3]])
+    assert set(uniform.tolist()) == {0, 1, 2, 3, 4}
+    with pytest.raises(ValueError, match="label_mode='random' is invalid"):  # one vocabulary: uniform
+        sample_labels([0], 5, 0, "random")
 
 
 class LinearVelocity(torch.nn.Module):

@@ -304,3 +304,38 @@ def test_write_report_logs_artifacts_to_parent_run(tmp_path):
     assert logged == {f"report/{name}" for name in files} and len(files) == len(FILES)
     local = client.download_artifacts(run_id, "report/summary.json", str(tmp_path / "dl"))
     assert json.loads(open(local).read())["sg_beats_best_cfg"]["answer"] is True
+
+
+def test_paired_intervals_decide_against_the_best_cfg(tmp_path):
+    """With paired intervals recorded, a cheaper point must be *significantly* better than the best CFG
+    point; without them the screening FIDs decide as before."""
+
+    def spec(family: str, fid: float, gflops: float, scale: float, gs: float = 0.0, gw: float = 0.0) -> dict:
+        point = {"scale": scale, "gamma_strong": gs, "gamma_weak": gw}
+        attrs = {"family": family, "setting": {"family": family, **point}, **point, "fid": fid, "num_samples": 1000}
+        attrs.update(gflops_per_sample=gflops, relative_to_cfg=gflops / 2.0)
+        return {"state": TrialState.COMPLETE, "values": [fid, gflops], "params": {}, "attrs": attrs}
+
+    specs = [
+        spec("cfg", 50.0, 2.0, 1.5),
+        spec("sg", 45.0, 1.5, 5.0, 0.5, 0.9),
+        spec("sg", 48.0, 1.2, 3.0, 0.25, 0.75),
+        spec("sg", 40.0, 2.5, 8.0, 0.0, 0.5),  # better but dearer: not a candidate
+    ]
+    study = make_study(specs, name="paired")
+    plain = report.compare_to_best_cfg([report._row(t) for t in report._complete(study)])
+    assert plain["point"]["number"] == 1 and plain["decided_by"] == ["point estimate"]
+    study.set_user_attr(
+        report.PAIRED_ATTR,
+        [
+            {"a": 1, "b": 0, "metric": "fid", "diff": -5.0, "ci": [-12.0, 1.0]},  # contains 0: inconclusive
+            {"a": 0, "b": 2, "metric": "fid", "diff": 2.0, "ci": [0.5, 3.5]},  # CFG clearly worse than trial 2
+        ],
+    )
+    paired = report.paired_intervals(study)
+    assert paired[2, 0] == {"diff": -2.0, "ci": [-3.5, -0.5]}
+    files = report.write_report(study, tmp_path / "report", None, None)
+    answer = json.loads(files["summary.json"].read_text())["sg_beats_best_cfg"]
+    assert answer["answer"] is True and answer["point"]["number"] == 2  # not trial 1, despite its lower FID
+    assert answer["n_better"] == 1 and answer["n_inconclusive"] == 1
+    assert answer["decided_by"] == ["paired interval"] and answer["point_paired"]["ci"] == [-3.5, -0.5]

@@ -1,6 +1,6 @@
 """Per-index randomness: sample ``i`` draws everything from seeds of ``(base_seed, i)``.
 
-Its initial noise, its label (in ``random`` mode), its routing masks and ICG's
+Its initial noise, its label (in ``uniform`` mode), its routing masks and ICG's
 random class come from its own generators, never from a batch-wide stream. A sample is therefore
 the same whatever the batch size, the order of generation or the number of
 processes, and two guidance settings evaluated on the same indices differ only
@@ -18,6 +18,7 @@ from sgexp.checks import check_choice, check_positive_int
 
 # Independent streams per index.
 NOISE, LABEL, ROUTING, RANDOM_LABEL = 0, 1, 2, 3
+LABEL_MODES = ("balanced", "uniform")
 
 
 def index_seed(base_seed: int, index: int, stream: int) -> int:
@@ -40,10 +41,12 @@ def sample_labels(indices: Sequence[int], num_classes: int, base_seed: int, mode
     """Class label per index.
 
     ``balanced``: ``i mod num_classes``, so any run of indices is spread evenly
-    over classes. ``random``: uniform, drawn from the index's own generator.
+    over classes. ``uniform``: uniform over classes, drawn from the index's own
+    generator, as DiT's and SiT's ``sample_ddp.py`` draw labels; sample ``i`` still
+    has the same label in every setting, batch and process.
     """
     check_positive_int("num_classes", num_classes)
-    check_choice("label_mode", mode, ("balanced", "random"))
+    check_choice("label_mode", mode, LABEL_MODES)
     if mode == "balanced":
         return torch.tensor([i % num_classes for i in indices], dtype=torch.long)
     gens = (index_generator(base_seed, i, LABEL) for i in indices)
@@ -52,7 +55,7 @@ def sample_labels(indices: Sequence[int], num_classes: int, base_seed: int, mode
 
 def random_labels(indices: Sequence[int], num_classes: int, base_seed: int) -> torch.Tensor:
     """ICG's random class c̃ per index: uniform over ``num_classes``, from the index's own stream
-    (independent of its label, even in ``random`` label mode); one per trajectory."""
+    (independent of its label, even in ``uniform`` label mode); one per trajectory."""
     check_positive_int("num_classes", num_classes)
     gens = (index_generator(base_seed, i, RANDOM_LABEL) for i in indices)
     return torch.cat([torch.randint(num_classes, (1,), generator=g) for g in gens]).to(torch.long)

@@ -7,10 +7,14 @@
 Modules, each importing only those before it:
 
     classifier       the domain-FID classifier (train with ``python -m sgexp.data classifier DATASET``)
+    progress         samples/s and ETA of every sampling and feature pass (lines when not a terminal)
     features         Inception and classifier feature extractors
-    metrics          FID, precision/recall, class accuracy, cached reference statistics
+    manifolds        k-NN precision and recall (and the per-sample indicators the bootstrap resamples)
+    metrics          FID, class accuracy, cached reference statistics, all metrics of a feature set
+    bootstrap        intervals over sample indices, paired across settings scored on the same indices
     reference_batch  an ADM reference npz as reference statistics
     scoring          which extractor, reference and decoder score a dataset (``auto``), loaded once
+    export           a setting's samples as an ADM-evaluator npz (streamed per rank, merged in index order)
     sampling         generate and score one guidance setting on one process or many
     settings         config mappings of guidance settings -> validated ``Setting``s
     evaluator        a checkpoint's EMA model(s) + scoring: ``load_evaluator`` (sgexp.evaluate, sweeps)
@@ -35,7 +39,7 @@ _LAZY = {
     "fid_from_features": "sgexp.eval.metrics",
     "inception_score": "sgexp.eval.metrics",
     "metrics_from_features": "sgexp.eval.metrics",
-    "precision_recall": "sgexp.eval.metrics",
+    "precision_recall": "sgexp.eval.manifolds",
     "reference_stats": "sgexp.eval.metrics",
     "stats_path": "sgexp.eval.metrics",
     "load_reference_batch": "sgexp.eval.reference_batch",

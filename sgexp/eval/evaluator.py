@@ -16,6 +16,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 
+import numpy as np
 import torch
 from omegaconf import DictConfig
 
@@ -147,8 +148,26 @@ class Evaluator:
 
         ``setting`` is a built ``Setting`` (``sgexp.evaluate`` validates all of them first) or
         its mapping ``{rule, scale, gamma_strong, ...}`` (a sweep trial's point), built here."""
+        return self.score_with_features(name, setting, num_samples, seed, grid, grid_size, progress)[0]
+
+    def score_with_features(
+        self,
+        name: str,
+        setting: Mapping | Setting,
+        num_samples: int,
+        seed: int,
+        grid: Path | None,
+        grid_size: int,
+        progress: Callable[[int], None] | None = None,
+        labels: str = "balanced",
+        npz: Path | None = None,
+    ) -> tuple[dict, np.ndarray]:
+        """``score``'s row and the features it was computed from, (num_samples, dim) in sample-index
+        order: what bootstrap intervals resample (``sgexp.eval.bootstrap``) without sampling again.
+        ``labels`` (``balanced`` or ``uniform``) and ``npz`` (write the samples there for ADM's
+        evaluator) are ``score_setting``'s."""
         built = setting if isinstance(setting, Setting) else make_settings({name: setting})[0]
-        row, images = score_setting(
+        row, scored = score_setting(
             built,
             self.models,
             self.configs,
@@ -162,10 +181,13 @@ class Evaluator:
             self.decode,
             grid_size=grid_size if grid else 0,
             progress=progress,
+            labels=labels,
+            npz=npz,
         )
+        images = scored.grid
         if images is not None and grid is not None:
             row["grid"] = str(save_grid(images, grid, nrow=min(self.configs["main"].num_classes, 10, len(images))))
-        return row
+        return row, scored.features
 
 
 def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:

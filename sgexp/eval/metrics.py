@@ -30,13 +30,14 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from rich.progress import Progress
 
 from sgexp.checks import check_choice, check_positive_int, fail
 from sgexp.data import BadSamples, read_meta
 from sgexp.data.latent_format import image_dataset_dir
 from sgexp.data.shards import shard_urls, split_pipeline
 from sgexp.eval.features import FeatureExtractor
+from sgexp.eval.manifolds import precision_recall
+from sgexp.eval.progress import track
 
 log = logging.getLogger("sgexp.eval.metrics")
 
@@ -93,62 +94,6 @@ class RunningMoments:
     @property
     def cov(self) -> np.ndarray:
         return self.scatter / (self.n - 1)
-
-
-# ----------------------------------------------------------------------------- precision / recall
-
-
-def _sq_distances(a: torch.Tensor, b: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Squared distances (len(a), len(b)) via one matmul, and the rounding slack of that expansion.
-
-    The slack lets exact duplicates (distance 0, computed as a tiny positive number)
-    count as inside each other's k-NN ball.
-    """
-    na, nb = (a * a).sum(1, keepdim=True), (b * b).sum(1)
-    return (na + nb - 2.0 * a @ b.T).clamp_min_(0.0), 1e-9 * (na + nb)
-
-
-def _knn_sq_radii(feats: torch.Tensor, k: int, block: int) -> torch.Tensor:
-    """Squared distance from each point to its k-th nearest neighbour in the same set, itself excluded."""
-    # kthvalue(k + 1): the point itself (distance ~0) is always the nearest
-    return torch.cat(
-        [
-            _sq_distances(feats[i : i + block], feats)[0].kthvalue(k + 1, dim=1).values
-            for i in range(0, len(feats), block)
-        ]
-    )
-
-
-def _coverage(points: torch.Tensor, centres: torch.Tensor, sq_radii: torch.Tensor, block: int) -> float:
-    """Fraction of ``points`` inside at least one ball (centre, radius) of the other set's k-NN manifold."""
-    inside = 0
-    for i in range(0, len(points), block):
-        d2, slack = _sq_distances(points[i : i + block], centres)
-        inside += int((d2 <= sq_radii[None, :] + slack).any(dim=1).sum())
-    return inside / len(points)
-
-
-def precision_recall(
-    real_feats: np.ndarray, fake_feats: np.ndarray, k: int = 3, block: int = 1024
-) -> tuple[float, float]:
-    """Improved precision and recall (Kynkäänniemi et al. 2019).
-
-    Each set's manifold is the union of balls around its points with radius the
-    distance to the k-th nearest neighbour. Precision: fraction of fake samples
-    inside the real manifold (fidelity). Recall: fraction of real samples inside the
-    fake manifold (diversity). The k-NN radii shrink as a set grows, so compare sets
-    of equal size (``compute_metrics`` subsamples the reference to the sample count).
-    """
-    check_positive_int("k", k)
-    real, fake = (torch.as_tensor(np.asarray(f), dtype=torch.float64) for f in (real_feats, fake_feats))
-    for name, feats in (("real_feats", real), ("fake_feats", fake)):
-        if feats.dim() != 2 or len(feats) <= k:
-            raise fail(name, f"shape {tuple(feats.shape)}", f"needs a (N, dim) array with N > k={k}")
-    if real.shape[1] != fake.shape[1]:
-        raise fail("fake_feats", f"shape {tuple(fake.shape)}", f"real features have dim {real.shape[1]}")
-    precision = _coverage(fake, real, _knn_sq_radii(real, k, block), block)
-    recall = _coverage(real, fake, _knn_sq_radii(fake, k, block), block)
-    return precision, recall
 
 
 # ----------------------------------------------------------------------------- class metrics
@@ -266,14 +211,13 @@ def _compute(
     moments, subset, seen = RunningMoments(extractor.dim), [], 0
     # strict reading: statistics over silently shortened data would be wrong without anyone noticing
     batches = split_pipeline(shard_urls(dataset_dir, meta, split), meta, batch_size, BadSamples(strict=True))
-    with Progress(transient=True) as progress:
-        task = progress.add_task(f"reference {meta['name']}/{split} ({extractor.name})", total=expected)
+    with track(f"reference {meta['name']}/{split} ({extractor.name})", total=expected, unit="images") as advance:
         for images, _, _ in batches:
             feats, _ = extract(extractor, torch.from_numpy(images), batch_size)
             moments.update(feats)
             subset.append(feats[keep[seen : seen + len(feats)]])
             seen += len(feats)
-            progress.advance(task, len(feats))
+            advance(len(feats))
     if seen != expected or seen < 2:
         raise fail("dataset_dir", str(dataset_dir), f"the {split} split gave {seen} images, meta.json says {expected}")
     return ReferenceStats(
@@ -335,6 +279,15 @@ def _check_labels(labels, n: int) -> None:
         raise fail("labels", f"shape {tuple(np.shape(labels))}", f"must be one label per image ({n})")
 
 
+def pr_reference(ref: ReferenceStats, n: int) -> np.ndarray:
+    """The reference features precision/recall of ``n`` samples compare with: as many as there are
+    samples (k-NN radii shrink as a set grows), the same ``PR_SEED`` subset in every evaluation."""
+    real = ref.features
+    if len(real) > n:
+        real = real[np.sort(np.random.default_rng(PR_SEED).choice(len(real), n, replace=False))]
+    return real
+
+
 def metrics_from_features(
     features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray | None, ref: ReferenceStats
 ) -> dict:
@@ -348,9 +301,7 @@ def metrics_from_features(
     n = len(features)
     _check_labels(labels, n)
     metrics = {"fid": fid_from_features(features, ref.mu, ref.sigma)}
-    real = ref.features
-    if len(real) > n:
-        real = real[np.sort(np.random.default_rng(PR_SEED).choice(len(real), n, replace=False))]
+    real = pr_reference(ref, n)
     if min(len(real), n) > 3:
         metrics["precision"], metrics["recall"] = precision_recall(real, features, k=3)
     else:

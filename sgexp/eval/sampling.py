@@ -6,11 +6,16 @@ the same samples (common random numbers) and the result does not depend on the
 batch size or on how indices are spread over processes. Rank ``r`` of ``W``
 generates indices ``r, r+W, r+2W, ...``, extracts their features itself, and
 only features (not images) are gathered: that is what scales to 50k ImageNet
-samples.
+samples. With ``npz`` the images also go, batch by batch, to the rank's shard of an
+ADM-evaluator npz that rank 0 merges (``sgexp.eval.export``).
+
+Labels are ``balanced`` (``i mod C``) or ``uniform`` (drawn per index, as DiT's
+``sample_ddp.py`` does; the ImageNet protocols use it): ``sgexp.diffusion.seeds.sample_labels``.
 """
 
 from __future__ import annotations
 
+import os
 import time
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass, field
@@ -20,10 +25,13 @@ import numpy as np
 import torch
 import torch.distributed as dist
 
-from sgexp.checks import check_positive_int
+from sgexp.checks import check_choice, check_positive_int, fail
 from sgexp.diffusion.guidance import Guidance, cfg
 from sgexp.diffusion.sampler import Sampler, generate
+from sgexp.diffusion.seeds import LABEL_MODES
+from sgexp.eval.export import ShardWriter, merge_shards
 from sgexp.eval.metrics import metrics_from_features
+from sgexp.eval.progress import track
 from sgexp.flops import sample_cost
 from sgexp.models.dit import DiTConfig
 
@@ -79,43 +87,67 @@ def sample_and_extract(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grid_size: int = 0,
     progress: Callable[[int], None] | None = None,
+    labels: str = "balanced",
+    npz: Path | None = None,
+    show_progress: bool = True,
 ) -> Scored:
     """This process's share of the samples: generate, decode, extract features (and logits).
 
     ``decode`` maps model outputs to images in [-1, 1] (e.g. an SD-VAE decoder for
     latents); ``grid_size`` keeps the first samples (by index) for a sample grid.
-    ``progress(n)`` is called after each batch with the number of new samples.
+    ``labels`` is the label mode (``balanced`` or ``uniform``). With ``npz``, the images
+    are appended to this rank's shard of that file (``score_setting`` merges them).
+    Rank 0 shows the pass's progress (``sgexp.eval.progress``) unless ``show_progress``
+    is False; ``progress(n)``, if given, is also called after each batch with its size.
     Without an ``extractor`` only the grid (and timing) is produced.
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
+    check_choice("labels", labels, LABEL_MODES)
     rank, world = _world()
+    if npz is not None and world == 1 and int(os.environ.get("WORLD_SIZE", "1")) > 1:
+        # every process would write all samples to the same shard
+        raise fail("npz", str(npz), "needs an initialised process group when several processes run (WORLD_SIZE > 1)")
     mine = rank_indices(num_samples, rank, world)
     with_logits = extractor is not None and getattr(extractor, "num_classes", None) is not None
-    feats, logits, labels, grid = [], [], [], []
-    seconds = 0.0
-    for start in range(0, len(mine), batch_size):
-        batch = mine[start : start + batch_size]
-        t0 = time.perf_counter()
-        samples, y = generate(sampler, setting.rule, models, batch, shape, num_classes, base_seed, device=device)
-        images = to_uint8(decode(samples) if decode is not None else samples)
-        if device != "cpu" and torch.device(device).type == "cuda":
-            torch.cuda.synchronize()
-        seconds += time.perf_counter() - t0  # sampling (and decoding) only, not feature extraction
-        if extractor is not None:
-            feats.append(extractor(images).float().cpu().numpy())
-        if with_logits:
-            logits.append(extractor.logits(images).float().cpu().numpy())
-        labels.append(y.cpu().numpy())
-        keep = [k for k, i in enumerate(batch) if i < grid_size]
-        if keep:
-            grid.append(images[keep].cpu())
-        if progress is not None:
-            progress(len(batch))
+    writer = ShardWriter(npz, rank, len(mine)) if npz is not None else None
+    feats, logits, classes, grid = [], [], [], []
+    seconds, shown = 0.0, 0
+    with track(f"{setting.name:>12}", total=num_samples, enabled=show_progress) as advance:
+        for start in range(0, len(mine), batch_size):
+            batch = mine[start : start + batch_size]
+            t0 = time.perf_counter()
+            samples, y = generate(
+                sampler, setting.rule, models, batch, shape, num_classes, base_seed, label_mode=labels, device=device
+            )
+            images = to_uint8(decode(samples) if decode is not None else samples)
+            if device != "cpu" and torch.device(device).type == "cuda":
+                torch.cuda.synchronize()
+            seconds += time.perf_counter() - t0  # sampling (and decoding) only, not features or export
+            if with_logits:  # the classifier gives both in one pass
+                f, z = extractor.features_and_logits(images)
+                feats.append(f.float().cpu().numpy())
+                logits.append(z.float().cpu().numpy())
+            elif extractor is not None:
+                feats.append(extractor(images).float().cpu().numpy())
+            classes.append(y.cpu().numpy())
+            keep = [k for k, i in enumerate(batch) if i < grid_size]
+            if keep:
+                grid.append(images[keep].cpu())
+            if writer is not None:
+                writer.add(batch, images, y)
+            # Ranks move in step: when rank 0 has index i, the others have those below i + W.
+            done = min(num_samples, batch[-1] + world)
+            advance(done - shown)
+            shown = done
+            if progress is not None:
+                progress(len(batch))
+    if writer is not None:
+        writer.close()
     dim = getattr(extractor, "dim", 0)
     return Scored(
         indices=np.asarray(mine, dtype=np.int64),
-        labels=np.concatenate(labels) if labels else np.zeros(0, np.int64),
+        labels=np.concatenate(classes) if classes else np.zeros(0, np.int64),
         features=np.concatenate(feats) if feats else np.zeros((0, dim), np.float32),
         logits=(np.concatenate(logits) if logits else np.zeros((0, extractor.num_classes), np.float32))
         if with_logits
@@ -192,11 +224,17 @@ def score_setting(
     decode: Callable[[torch.Tensor], torch.Tensor] | None = None,
     grid_size: int = 0,
     progress: Callable[[int], None] | None = None,
-) -> tuple[dict, torch.Tensor | None]:
-    """One results row (quality, cost, time) and the sample grid images of a setting.
+    labels: str = "balanced",
+    npz: Path | None = None,
+    show_progress: bool = True,
+) -> tuple[dict, Scored]:
+    """One results row (quality, cost, time) and the gathered ``Scored`` it came from: the
+    features in sample-index order (what bootstrap intervals resample) and the grid images.
 
     Metrics need an ``extractor`` and its ``reference`` statistics; every process
-    returns the same row.
+    returns the same row. ``labels``: the label mode (recorded as ``row["labels"]``).
+    ``npz``: also write the samples there for ADM's evaluator (``sgexp.eval.export``);
+    ``row["npz"]`` is its file name (it is written in the results directory).
     """
     main = configs["main"]
     shape = (main.in_channels, main.input_size, main.input_size)
@@ -214,11 +252,19 @@ def score_setting(
         decode,
         grid_size,
         progress,
+        labels,
+        npz,
+        show_progress,
     )
-    scored = gather(scored)
+    scored = gather(scored)  # also a barrier: every rank has closed its shard
+    if npz is not None and _world()[0] == 0:
+        merge_shards(npz, num_samples)
     row = {"setting": setting.name, **setting.rule.to_dict(), "solver": sampler.solver, "steps": sampler.num_steps}
+    row["labels"] = labels
+    if npz is not None:
+        row["npz"] = Path(npz).name
     row.update(cost_summary(setting, configs, sampler, scored.seconds, num_samples))
     if extractor is not None and reference is not None:
         row.update(metrics_from_features(scored.features, scored.logits, scored.labels, reference))
         row["metric"] = extractor.label
-    return row, scored.grid
+    return row, scored

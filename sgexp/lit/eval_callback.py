@@ -71,7 +71,7 @@ class GuidedSamplingEval(L.Callback):
         models, configs = {"main": pl_module.ema.model}, {"main": pl_module.config}
         rows = []
         for setting in self.settings:
-            row, grid = score_setting(
+            row, scored = score_setting(
                 setting,
                 models,
                 configs,
@@ -88,7 +88,7 @@ class GuidedSamplingEval(L.Callback):
             row["step"] = step
             rows.append(row)
             if trainer.is_global_zero:
-                self._report(trainer, setting, row, grid, step)
+                self._report(trainer, setting, row, scored.grid, step)
         self.rows.extend(rows)
         return rows
 

@@ -9,7 +9,8 @@ A study has two minimised objectives, ``trial.values = [screening FID, GFLOPs pe
 - ``write_report``: plots (PNG + interactive HTML), CSVs, (γ_strong, γ_weak) heatmaps of SG trials and, for a
   grid study, exact per-w maps of its family (``heatmaps_<family>.png``: AG+SG as in Figure 6 of the SG paper),
   and ``summary.json``, which answers the study's question: does some SG setting reach a lower
-  FID than the best CFG setting at fewer GFLOPs?
+  FID than the best CFG setting at fewer GFLOPs? A paired bootstrap interval decides where the study
+  records one (``paired_intervals``), the screening FIDs otherwise.
 
 The figures themselves are drawn by ``sgexp.sweeps.plots``.
 """
@@ -30,6 +31,7 @@ import optuna
 from mlflow.tracking import MlflowClient
 from optuna.trial import FrozenTrial, TrialState
 
+from sgexp.eval.bootstrap import sign
 from sgexp.run_record import log_artifact_file
 from sgexp.sweeps.plots import (
     plot_grid_heatmaps,
@@ -50,6 +52,7 @@ TABLE_COLUMNS = tuple(
 )
 MIN_HEATMAP_TRIALS = 3
 DEFAULT_OBJECTIVES = ("fid", "gflops_per_sample")  # trial.values, both minimised
+PAIRED_ATTR = "paired"  # study attribute: paired FID intervals between trials (``paired_intervals``)
 
 
 # --------------------------------------------------------------------------- front and hypervolume
@@ -197,11 +200,41 @@ def _trials_rows(study: optuna.Study) -> tuple[list[dict], list[str]]:
 # --------------------------------------------------------------------------- the study's question
 
 
-def compare_to_best_cfg(rows: list[dict], family: str = "sg") -> dict[str, Any]:
-    """Is some ``family`` point strictly better than the best CFG point (lowest screening FID) in both FID
-    and GFLOPs? Screening FIDs decide, since every trial has one; when both points were re-evaluated,
-    ``confirmed_with_final_fid`` says whether the final FIDs agree. ``answer`` is ``None`` (with a
-    ``reason``) when there is no CFG or no ``family`` trial to compare."""
+def paired_intervals(study: optuna.Study) -> dict[tuple[int, int], dict]:
+    """``{(a, b): {"diff", "ci"}}`` from the study attribute ``PAIRED_ATTR``, in both orientations.
+
+    The attribute is a list of entries as ``sgexp.evaluate`` writes them under ``paired`` in results.json
+    (``a``, ``b`` trial numbers, ``diff`` = FID(a) − FID(b), ``ci`` its paired bootstrap interval,
+    ``sgexp.eval.bootstrap``): trials are scored on the same sample indices, so such an interval can be
+    computed whenever both trials' features are at hand. Empty when the study records none."""
+    out = {}
+    for p in study.user_attrs.get(PAIRED_ATTR) or []:
+        if p.get("metric", "fid") == "fid":
+            a, b, (lo, hi) = int(p["a"]), int(p["b"]), p["ci"]
+            out[a, b] = {"diff": p["diff"], "ci": [lo, hi]}
+            out[b, a] = {"diff": -p["diff"], "ci": [-hi, -lo]}
+    return out
+
+
+def versus(row: dict, other: dict, paired: dict[tuple[int, int], dict]) -> tuple[str, str]:
+    """``row`` against ``other`` on FID: ("better" | "worse" | "inconclusive", what decided).
+
+    A paired interval of FID(row) − FID(other) decides when there is one (it excludes 0, or the
+    comparison is inconclusive); otherwise the screening FIDs themselves (every trial has one)."""
+    entry = paired.get((row["number"], other["number"]))
+    if entry is not None:
+        return {-1: "better", 1: "worse", 0: "inconclusive"}[sign(entry["ci"])], "paired interval"
+    return ("better" if row["fid"] < other["fid"] else "worse"), "point estimate"
+
+
+def compare_to_best_cfg(
+    rows: list[dict], family: str = "sg", paired: dict[tuple[int, int], dict] | None = None
+) -> dict[str, Any]:
+    """Is some ``family`` point better than the best CFG point (lowest screening FID) in FID at fewer
+    GFLOPs? ``versus`` decides each cheaper point: by its paired interval against the best CFG point
+    where ``paired`` (``paired_intervals``) has one, else by the screening FIDs. When both points were
+    re-evaluated, ``confirmed_with_final_fid`` says whether the final FIDs agree. ``answer`` is ``None``
+    (with a ``reason``) when there is no CFG or no ``family`` trial to compare."""
     cfg = [r for r in rows if r["family"] == "cfg"]
     candidates = [r for r in rows if r["family"] == family]
     out: dict[str, Any] = {"family": family, "fid": "screening", "answer": None, "best_cfg": None, "point": None}
@@ -209,15 +242,19 @@ def compare_to_best_cfg(rows: list[dict], family: str = "sg") -> dict[str, Any]:
         out["reason"] = f"no COMPLETE {'CFG' if not cfg else style(family).label} trial to compare"
         return out
     best_cfg = min(cfg, key=lambda r: (r["fid"], r["gflops_per_sample"], r["number"]))
-    winners = [
-        r for r in candidates if r["fid"] < best_cfg["fid"] and r["gflops_per_sample"] < best_cfg["gflops_per_sample"]
-    ]
+    cheaper = [r for r in candidates if r["gflops_per_sample"] < best_cfg["gflops_per_sample"]]
+    decided = [(r, *versus(r, best_cfg, paired or {})) for r in cheaper]
+    winners = [r for r, verdict, _ in decided if verdict == "better"]
     point = min(winners, key=lambda r: (r["fid"], r["gflops_per_sample"], r["number"])) if winners else None
     confirmed = None
     if point is not None and point["fid_final"] is not None and best_cfg["fid_final"] is not None:
         confirmed = bool(point["fid_final"] < best_cfg["fid_final"])
     out.update(answer=bool(winners), best_cfg=best_cfg, point=point, n_candidates=len(candidates))
     out.update(n_better=len(winners), confirmed_with_final_fid=confirmed)
+    out["n_inconclusive"] = sum(verdict == "inconclusive" for _, verdict, _ in decided)
+    out["decided_by"] = sorted({how for _, _, how in decided})  # "paired interval", "point estimate"
+    if point is not None:
+        out["point_paired"] = (paired or {}).get((point["number"], best_cfg["number"]))
     return out
 
 
@@ -256,8 +293,9 @@ def write_report(
     ref = default_reference_point(study)
     history = hypervolume_history(study, ref)
     families = sorted({r["family"] for r in rows if r["family"] != "cfg"} | {"sg"})
-    versus = {family: compare_to_best_cfg(rows, family) for family in families}
-    best_cfg = versus["sg"]["best_cfg"]
+    paired = paired_intervals(study)
+    answers = {family: compare_to_best_cfg(rows, family, paired) for family in families}
+    best_cfg = answers["sg"]["best_cfg"]
     notes: list[str] = []
     config = study.user_attrs.get("config")
     config = config if isinstance(config, dict) else None
@@ -305,8 +343,8 @@ def write_report(
         "hypervolume": {"reference_point": ref, "final": history[-1][1] if history else 0.0},
         "pareto": front,
         "best_cfg": best_cfg,
-        "sg_beats_best_cfg": versus["sg"],  # the study's question
-        "vs_best_cfg": versus,  # the same question for every other family
+        "sg_beats_best_cfg": answers["sg"],  # the study's question
+        "vs_best_cfg": answers,  # the same question for every other family
         "notes": notes,
         "files": sorted([*files, "summary.json"]),
     }
