@@ -128,8 +128,8 @@ def tracking_uri_for(logger_cfg: Any, root: Path, override: str | None = None) -
 def init_store(uri: str) -> None:
     """Create a sqlite store's tables now. Every rank builds an ``MlflowClient`` (Lightning's logger does),
     and processes that open a fresh sqlite file at the same moment race on its schema migration: a SLURM
-    submission therefore creates the tables on the login node first. Other stores: nothing to do."""
-    check_tracking_uri(uri)
+    submission therefore creates the tables on the login node first. Other stores: nothing to do.
+    ``uri`` is one ``tracking_uri_for`` returned (already checked)."""
     if _scheme(uri) == "sqlite":
         MlflowClient(tracking_uri=uri).search_experiments(max_results=1)
 
