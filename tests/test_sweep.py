@@ -122,7 +122,25 @@ def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, caps
     front = pareto_trials(summary["view"])
     assert front and all(t.user_attrs["num_samples_final"] == 48 for t in front)
     assert all(math.isfinite(t.user_attrs["fid_final"]) for t in front)
-    assert {t.number for t in front} == {int(k.split("/")[1]) for k in study.user_attrs if k.startswith("final/")}
+    # The finalists are the Pareto set and the best CFG trial (the study's yardstick), all on the same 48
+    # indices: every pair of them has a paired FID interval, and the summary decides by those.
+    from sgexp.sweeps.fidelity import finalists
+
+    finals = {int(k.split("/")[1]) for k in study.user_attrs if k.startswith("final/")}
+    assert {t.number for t in front} <= finals == {t.number for t in finalists(study)}
+    best_cfg = min((t for t in trials if t.user_attrs["family"] == "cfg"), key=lambda t: (t.values[0], t.number))
+    assert best_cfg.number in finals
+    paired = study.user_attrs["paired"]
+    assert {(p["a"], p["b"]) for p in paired} == {(a, b) for a in sorted(finals) for b in sorted(finals) if a < b}
+    for p in paired:
+        fa, fb = (study.user_attrs[f"final/{n}"]["fid_final"] for n in (p["a"], p["b"]))
+        assert p["diff"] == pytest.approx(fa - fb) and p["num_samples"] == 48 and len(p["ci"]) == 2
+    for n in finals:
+        low, high = study.user_attrs[f"final/{n}"]["fid_final_ci"]
+        assert low <= study.user_attrs[f"final/{n}"]["fid_final"] <= high
+    cheaper_sg = [n for n in finals if trials[n].user_attrs["family"] == "sg" and trials[n].values[1] < best_cfg.values[1]]
+    decided = (summary["report_dir"] / "summary.json").read_text()
+    assert ("paired interval" in decided) == bool(cheaper_sg)  # a cheaper SG finalist is decided by its interval
 
     # MLflow: the parent run, one child per trial tagged with it, the report among the parent's artifacts.
     client = MlflowClient(trained[2])

@@ -48,8 +48,8 @@ from optuna.trial import TrialState
 from sgexp import tracking
 from sgexp.checks import check_positive_int, fail
 from sgexp.eval.evaluator import Evaluator, load_evaluator
-from sgexp.sweeps.fidelity import METRICS, final_view, reevaluate_pareto
-from sgexp.sweeps.report import pareto_table, pareto_trials, write_report
+from sgexp.sweeps.fidelity import METRICS, final_view, finalists, reevaluate_pareto
+from sgexp.sweeps.report import pareto_table, write_report
 from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting, process_seed
 from sgexp.sweeps.storage import (
     INTERRUPTED,
@@ -331,7 +331,7 @@ def finish(session: Session) -> dict:
     """Re-score the Pareto set (if an evaluator is loaded), write the report, end the parent run."""
     study, cfg = session.study, session.cfg
     if session.evaluator is not None:
-        reevaluate_pareto(study, cfg, session.evaluator, session.tracker)
+        reevaluate_pareto(study, cfg, session.evaluator, session.tracker, session.out_dir)
     view = final_view(study)
     report_dir = session.out_dir / "report"
     parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -374,7 +374,7 @@ def run_report(name: str, storage_url: str, tracking_uri: str | None = None, ree
         except RuntimeError as err:  # e.g. the study's sqlite store is on another machine
             log.warning("report not logged to MLflow: %s", err)
     evaluator = None
-    missing = [t for t in pareto_trials(study) if f"final/{t.number}" not in study.user_attrs]
+    missing = [t for t in finalists(study) if f"final/{t.number}" not in study.user_attrs]
     if reevaluate and cfg.final_samples and missing:
         try:
             evaluator = load_evaluator(cfg, tracking_uri)

@@ -102,6 +102,8 @@ class StudyConfig:
     samples_per_trial: int = 1000  # screening fidelity
     final_samples: int = 5000  # re-evaluation of the Pareto set (indices 0..final_samples-1); 0: none
     seed: int = 0  # sample seeds, the same for every trial
+    bootstrap: int = 1000  # redraws of the final sample indices for the paired FID intervals; 0: none
+    ci_level: float = 0.95  # confidence level of those intervals
     optuna: OptunaConfig = field(default_factory=OptunaConfig)
     baselines: list[dict[str, Any]] = field(default_factory=list)  # GuidanceSetting mappings, enqueued first
     heartbeat: HeartbeatConfig = field(default_factory=HeartbeatConfig)
