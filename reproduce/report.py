@@ -93,8 +93,11 @@ def setup(record: dict, invocation: str, work: str) -> list[str]:
         f"the training curves (their last points are the TREAD-vs-dense comparison), {p['heatmap_samples']:,} per "
         f"heatmap cell; the sweep screens on {p['sweep_samples']:,} and re-scores its Pareto set on "
         f"{p['sweep_final_samples']:,}.",
-        f"- Noise rule for the verdicts: an FID difference counts when it exceeds ±{noise:g} at {at:,} samples "
-        f"(DESIGN.md's seed-to-seed spread), scaled by √({at}/n).",
+        "- Verdicts: two settings scored in one evaluation (the guidance table, one heatmap, the sweep's "
+        "re-scored finalists) differ when the 95% *paired* bootstrap interval of their FID difference (the same "
+        "resampled sample indices for both, `sgexp.eval.bootstrap`) excludes 0. Rows of different models or "
+        f"evaluations fall back to a noise rule fixed in advance: ±{noise:g} FID at {at:,} samples (DESIGN.md's "
+        f"seed-to-seed spread), scaled by √({at}/n).",
         "- GFLOPs are the analytic count of `sgexp.flops` (multiply-accumulates of the linear layers, the paper's "
         "convention), per generated sample over all sampling steps, for what runs: SG's two branches share their "
         f"dense prefix ({_shared_prefix(record)} here), which is counted once (the paper counts every pass in full).",

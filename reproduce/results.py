@@ -101,10 +101,7 @@ def collect(preset: Preset, paths: Paths, stages: list[Stage]) -> dict:
     trainings = [m for m in MODELS if f"train_{m}" not in done]
     out["progress"] = {f"train_{m}": training_step(paths.run_dir(m)) for m in trainings}
     out["training"] = {m: _training(done[f"train_{m}"], state) for m in MODELS if f"train_{m}" in done}
-    out["guidance"] = {}
-    for group in preset.guidance:
-        if f"guidance_{group}" in done:
-            out["guidance"].update(_rows(done[f"guidance_{group}"]))
+    out["guidance"] = _rows(done["guidance"]) if "guidance" in done else {}
     out["curve"] = {m: [] for m in MODELS}
     out["final"] = {}
     for stage in stages:

@@ -274,8 +274,10 @@ def build_plan(preset: Preset, paths: Paths, tracking_uri: str | None = None) ->
         needs = ("ref_stats", f"train_{model}")
         return Stage(name, "sgexp.evaluate", args, needs, output, info={"settings": settings, **(info or {})})
 
-    for group, settings in p.guidance.items():
-        stages.append(evaluate(f"guidance_{group}", "tread", "last.ckpt", settings, p.table_samples))
+    # The whole guidance table in one evaluation: every two of its settings then share one results.json, and
+    # so a paired bootstrap interval of their FID difference, which decides the claims (reproduce/claims.py).
+    table = {key: setting for group in p.guidance.values() for key, setting in group.items()}
+    stages.append(evaluate("guidance", "tread", "last.ckpt", table, p.table_samples))
     # Unguided FID at every kept checkpoint of both models; the last points are the final comparison.
     # Dense first: when its training ends, its points are what the report misses most.
     none = {"none": p.guidance["base"]["none"]}
