@@ -75,7 +75,7 @@ def main(argv: list[str] | None = None) -> dict:
         }
         row["fid_interval_seconds"] = seconds(fid_interval, a, ref, args.n_boot, 0.95, 0, args.method)
         row["two_settings_and_pair_seconds"] = seconds(
-            compare_settings, {"a": a, "b": b}, fids, ref, args.n_boot, 0.95, 0, args.method
+            compare_settings, {"a": {"fid": a}, "b": {"fid": b}}, fids, ref, args.n_boot, 0.95, 0, args.method
         )
         if n in with_precision:
             row["precision_interval_seconds"] = seconds(precision_replicates, a, ref, args.n_boot)

@@ -165,10 +165,10 @@ class GuidedEvalConfig:
     batch_size: int = 250
     num_steps: int = 40  # Euler steps
     seed: int = 0
-    extractor: str = "auto"  # auto: the dataset's classifier if trained, else none (grids only); or inception
+    extractor: str = "auto"  # auto: the dataset's classifier if trained, else none (grids only); or inception(_tf)
     train_classifier: bool = False  # train the dataset's classifier first if it is missing (~30 s on MNIST-5k)
     reference_split: str = "val"
-    reference_batch: str | None = None  # an ADM reference npz (mu, sigma[, arr_0]) instead of the split's statistics
+    reference_batch: str | None = None  # an ADM reference npz (mu, sigma, mu_s, sigma_s, arr_0; extractor inception_tf)
     vae: str | None = None  # latent datasets: load meta.json's VAE from here instead (same weights)
     grid_size: int = 100
     settings: dict[str, Any] = field(default_factory=default_settings)
@@ -248,14 +248,23 @@ class EvaluateConfig:
     labels: str = "balanced"  # balanced: i mod C; uniform: drawn per index, as DiT's sample_ddp.py (ImageNet protocols)
     save_npz: bool = False  # also write <out_dir>/<setting>.npz (arr_0 uint8 NHWC, labels) for ADM's evaluator
     sampler: SamplerConfig = field(default_factory=SamplerConfig)
-    extractor: str = "auto"  # auto: the dataset's classifier if trained (domain FID), else inception; or classifier
+    # auto: the dataset's classifier if trained (domain FID), else inception; or classifier, inception (clean-fid's
+    # clean resize) or inception_tf (ADM's evaluator pipeline: FID, sFID, IS; protocol=adm)
+    extractor: str = "auto"
     inception_weights: str | None = None  # or SGEXP_INCEPTION_WEIGHTS
     reference_split: str = "val"
-    reference_batch: str | None = None  # an ADM reference npz, e.g. VIRTUAL_imagenet256_labeled.npz
+    reference_batch: str | None = None  # ADM's npz, e.g. VIRTUAL_imagenet256_labeled.npz; needs extractor=inception_tf
     vae: str | None = None  # latent datasets: load meta.json's VAE from here instead (same weights)
     grid_size: int = 100
     bootstrap: int = 1000  # redraws of the sample indices for fid_ci and the paired intervals; 0: none
     ci_level: float = 0.95  # confidence level of those intervals
+    # select=best_w (sgexp.eval.selection): for each setting with a scale (not none), score every w of w_grid on
+    # select_samples samples (the same indices for every w), keep the lowest FID, then score that w on num_samples;
+    # results.json says which w was picked from what grid and how decisive the pick was (paired intervals).
+    select: str = "none"  # none | best_w
+    w_grid: list[float] = field(default_factory=lambda: [1.25, 1.5, 2.0, 3.0, 4.0, 5.0, 6.0, 8.0])  # each >= 1
+    select_samples: int = 1000  # may exceed num_samples (unusual, allowed)
+    select_seed: int | None = None  # None: seed + 1, samples the final scores never reuse (no bias from the pick)
     device: str = "auto"
     out_dir: str | None = None  # default: <run dir of the checkpoint>/eval/<timestamp>
     logger: LoggerConfig = field(default_factory=LoggerConfig)

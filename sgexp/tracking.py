@@ -48,6 +48,10 @@ from sgexp.checks import fail
 log = logging.getLogger("sgexp.tracking")
 
 RUN_ID_FILE = "mlflow_run_id"
+# MLflow 3 shows an experiment as GenAI (traces) or model training (runs) by this experiment tag; the
+# values are the UI's ExperimentKind enum (mlflow/server/js: "custom_model_development", "genai_development").
+EXPERIMENT_KIND_TAG = "mlflow.experimentKind"
+MODEL_TRAINING = "custom_model_development"
 BATCH = 100  # mlflow: at most 100 params or tags per log_batch
 ALLOWED_SCHEMES = ("sqlite", "http", "https", "postgresql", "mysql", "mssql", "databricks")
 _ALLOWED = f"allowed schemes: {', '.join(ALLOWED_SCHEMES)} (e.g. sqlite:////abs/runs/mlflow.db, http://127.0.0.1:5000)"
@@ -173,6 +177,17 @@ def _probe_http(uri: str, timeout: float) -> None:
     )
 
 
+def ui_url(tracking_uri: str, experiment_id: str, run_id: str | None = None) -> str | None:
+    """The MLflow UI's page of an experiment's runs table (or of one run) on a tracking server; ``None`` for
+    a database store (open it with ``make ui``). MLflow 3.17's UI picks its GenAI or model-training view by
+    the ``workflowType`` URL parameter, else by what the browser last chose (GenAI at first), not by the
+    experiment's kind tag, so the link asks for the model-training view."""
+    if _scheme(tracking_uri) not in ("http", "https"):
+        return None
+    page = f"experiments/{experiment_id}" + (f"/runs/{run_id}" if run_id else "")
+    return f"{tracking_uri.rstrip('/')}/#/{page}?workflowType=machine_learning"
+
+
 def artifact_root_for(tracking_uri: str, artifact_root: str | None) -> str | None:
     """An explicit root wins; a sqlite store keeps artifacts in ``mlartifacts/`` next to the database
     (mlflow's own default is ``./mlruns`` under the current directory); a server chooses its own."""
@@ -276,11 +291,17 @@ def _claim_run_id(id_file: Path, run_id: str) -> str:
 
 
 def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | None, uri: str) -> str:
-    """The id of experiment ``name``, created (with ``artifact_location``) if missing."""
+    """The id of experiment ``name``, created (with ``artifact_location``) if missing, declared a model
+    training experiment (``EXPERIMENT_KIND_TAG``) so that the MLflow UI opens it on its runs table.
+
+    An experiment made before sgexp declared its kind gets the tag now; a kind someone chose in the UI
+    (any value of the tag) is kept."""
     experiment = client.get_experiment_by_name(name)
     if experiment is None:
         try:
-            return client.create_experiment(name, artifact_location=artifact_location)
+            return client.create_experiment(
+                name, artifact_location=artifact_location, tags={EXPERIMENT_KIND_TAG: MODEL_TRAINING}
+            )
         except MlflowException as error:  # created meanwhile by another process
             experiment = client.get_experiment_by_name(name)
             if error.error_code != "RESOURCE_ALREADY_EXISTS" or experiment is None:
@@ -290,6 +311,8 @@ def ensure_experiment(client: MlflowClient, name: str, artifact_location: str | 
             f"MLflow experiment {name!r} is deleted in {uri}: restore it (`mlflow experiments restore "
             f"--experiment-id {experiment.experiment_id}`) or set logger.experiment to another name"
         )
+    if EXPERIMENT_KIND_TAG not in experiment.tags:
+        client.set_experiment_tag(experiment.experiment_id, EXPERIMENT_KIND_TAG, MODEL_TRAINING)
     return experiment.experiment_id
 
 

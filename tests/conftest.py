@@ -116,6 +116,27 @@ def digits_run(tmp_path: Path, shards: Path, *extra: str) -> list[str]:
     ]
 
 
+@pytest.fixture(scope="session")
+def evaluation_checkpoint(tmp_path_factory):
+    """A digits model trained for a few steps and the digits classifier, in their own data root:
+    (tmp, shards, training result), shared by the evaluation tests (test_evaluate, test_best_w)."""
+    from sgexp.train import run as train  # Lightning and Hydra load on use: most tests never need them
+
+    tmp = tmp_path_factory.mktemp("eval")
+    shards = tmp / "shards"
+    ensure_prepared("digits", shards)
+    subprocess.run(
+        [sys.executable, "-m", "sgexp.data", "classifier", "digits", "--root", str(shards)],
+        check=True,
+        cwd=ROOT,
+        capture_output=True,
+    )
+    result = train(
+        compose_train(digits_run(tmp, shards, "trainer.max_steps=30", "callbacks.guided_eval.num_samples=10"))
+    )
+    return tmp, shards, result
+
+
 def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))

@@ -5,6 +5,7 @@ and 95% intervals of a difference cover the known answer about 95% of the time."
 from __future__ import annotations
 
 import sys
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -122,7 +123,7 @@ def test_compare_settings_gives_every_row_and_pair():
     ref = reference(8, n=300)
     feats = {"a": fake(200, 8, seed=4), "b": fake(200, 8, shift=0.6, seed=4), "c": fake(200, 8, seed=4)}
     rows = {k: metrics_from_features(v, None, None, ref) for k, v in feats.items()}
-    cis, paired = compare_settings(feats, rows, ref, n_boot=200, seed=0)
+    cis, paired = compare_settings({k: {"fid": v} for k, v in feats.items()}, rows, ref, n_boot=200, seed=0)
     for name, row in rows.items():
         assert cis[name]["fid_ci"][0] < row["fid"] < cis[name]["fid_ci"][1]
         assert cis[name]["precision_ci"][0] <= row["precision"] <= cis[name]["precision_ci"][1]
@@ -131,6 +132,39 @@ def test_compare_settings_gives_every_row_and_pair():
     assert by_pair["a", "b"]["diff"] == rows["a"]["fid"] - rows["b"]["fid"]
     assert sign(by_pair["a", "b"]["ci"]) == -1  # b is shifted further from the reference: a is clearly lower
     assert by_pair["a", "c"]["diff"] == 0 and by_pair["a", "c"]["ci"] == [0.0, 0.0]  # the same samples
+
+
+def test_compare_settings_gives_sfid_intervals_from_the_spatial_statistics():
+    """With sFID features and the reference's spatial moments, every row gets ``sfid_ci`` and every
+    pair a ``metric: "sfid"`` entry: the FID bootstrap against (mu_s, sigma_s)."""
+    pool, spatial = reference(8, n=300), reference(12, n=300, seed=5)
+    ref = replace(pool, mu_s=spatial.mu, sigma_s=spatial.sigma)
+    feats = {
+        "a": {"fid": fake(200, 8, seed=4), "sfid": fake(200, 12, seed=6)},
+        "b": {"fid": fake(200, 8, shift=0.6, seed=4), "sfid": fake(200, 12, shift=0.6, seed=6)},
+    }
+    rows = {
+        k: {
+            **metrics_from_features(v["fid"], None, None, ref),
+            "sfid": fid_from_features(v["sfid"], ref.mu_s, ref.sigma_s),
+        }
+        for k, v in feats.items()
+    }
+    cis, paired = compare_settings(feats, rows, ref, n_boot=200, seed=0)
+    for name, row in rows.items():
+        assert cis[name]["sfid_ci"][0] < row["sfid"] < cis[name]["sfid_ci"][1]
+        assert cis[name]["fid_ci"][0] < row["fid"] < cis[name]["fid_ci"][1]
+        assert "recall_ci" not in cis[name]  # no sound bootstrap for recall (module docstring)
+        spatial_ref = replace(ref, mu=ref.mu_s, sigma=ref.sigma_s)
+        assert cis[name]["sfid_ci"] == pytest.approx(fid_interval(feats[name]["sfid"], spatial_ref, n_boot=200))
+    assert [(p["a"], p["b"], p["metric"]) for p in paired] == [("a", "b", "fid"), ("a", "b", "sfid")]
+    sfid = paired[1]
+    assert sfid["diff"] == rows["a"]["sfid"] - rows["b"]["sfid"] and sign(sfid["ci"]) == -1
+    # without spatial statistics (or features) there is no sFID: FID and precision as before
+    cis, paired = compare_settings({k: {"fid": v["fid"]} for k, v in feats.items()}, rows, pool, n_boot=50)
+    assert "sfid_ci" not in cis["a"] and [p["metric"] for p in paired] == ["fid"]
+    with pytest.raises(ValueError, match=r"features\['a'\]='ndarray' is invalid: needs a mapping"):
+        compare_settings({"a": feats["a"]["fid"]}, rows, pool, n_boot=10)
 
 
 @pytest.mark.parametrize(

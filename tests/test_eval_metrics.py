@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import logging
 import shutil
+from collections import OrderedDict
 
 import numpy as np
 import pytest
@@ -278,21 +279,74 @@ def test_inception_without_weights_names_file_url_and_where(tmp_path, digits, mo
         build_extractor("inception", digits)
 
 
+class StandInBlock(torch.nn.Module):
+    """Like Inception's mixed blocks: a 1x1 ``conv`` branch (conv + ReLU) first in the concatenation."""
+
+    def __init__(self, channels: int, conv: int, tower: int):
+        super().__init__()
+        self.conv = torch.nn.Sequential(torch.nn.Conv2d(channels, conv, 1), torch.nn.ReLU())
+        self.tower = torch.nn.Sequential(torch.nn.Conv2d(channels, tower, 3, padding=1), torch.nn.ReLU())
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return torch.cat([self.conv(x), self.tower(x)], 1)
+
+
 class StandInInception(torch.nn.Module):
-    """Random network with the interface of clean-fid's TorchScript Inception: ``layers``: 3x299x299 -> 2048."""
+    """Random network with the interface of clean-fid's TorchScript ``inception-2015-12-05.pt``.
+
+    ``layers``: a chain of named children, 3x299x299 in [-1, 1] -> 2048 (clean-fid's "clean" mode
+    calls it alone), with a ``mixed_6`` block whose ``conv`` branch is 17x17 like the real one's;
+    ``output``: Linear 2048 -> 1008; ``forward`` does what the real file's printed TorchScript code
+    does: TF1's bilinear resize to 299 (affine_grid + grid_sample, grid shifted by 1/in - 1/299),
+    (x - 128) / 128, ``layers``; pool3 with ``return_features``, else the softmax (bias dropped
+    with ``no_output_bias``).
+    """
 
     def __init__(self):
         super().__init__()
-        self.layers = torch.nn.Sequential(
-            torch.nn.Conv2d(3, 4, 3, stride=2),
-            torch.nn.Tanh(),
-            torch.nn.AdaptiveAvgPool2d(12),
-            torch.nn.Flatten(),
-            torch.nn.Linear(4 * 12 * 12, 2048),
-        )
+        layers = [
+            ("conv", torch.nn.Conv2d(3, 8, 3, stride=2)),  # 299 -> 149
+            ("conv_1", torch.nn.Tanh()),
+            ("pool0", torch.nn.AdaptiveAvgPool2d(17)),
+            ("mixed_6", StandInBlock(8, 8, 8)),
+            ("pool1", torch.nn.AdaptiveAvgPool2d(4)),
+            ("flatten", torch.nn.Flatten()),
+            ("pool2", torch.nn.Linear(16 * 4 * 4, 2048)),
+        ]
+        self.layers = torch.nn.Sequential(OrderedDict(layers))
+        self.output = torch.nn.Linear(2048, 1008)
 
-    def forward(self, x: torch.Tensor) -> torch.Tensor:
-        return self.layers(x)
+    def forward(
+        self, img: torch.Tensor, return_features: bool = False, use_fp16: bool = False, no_output_bias: bool = False
+    ) -> torch.Tensor:
+        features = self.pool3(self.resize(img))
+        if return_features:
+            return features
+        if no_output_bias:
+            return torch.softmax(torch.nn.functional.linear(features, self.output.weight), 1)
+        return torch.softmax(self.output(features), 1)
+
+    def resize(self, img: torch.Tensor) -> torch.Tensor:
+        batch_size, channels, height, width = img.shape
+        x = img.to(torch.float32)
+        theta = torch.eye(2, 3, device=x.device)
+        theta[0, 2] += theta[0, 0] / width - theta[0, 0] / 299
+        theta[1, 2] += theta[1, 1] / height - theta[1, 1] / 299
+        theta = theta.to(x.dtype).unsqueeze(0).repeat(batch_size, 1, 1)
+        grid = torch.nn.functional.affine_grid(theta, [batch_size, channels, 299, 299], False)
+        return torch.nn.functional.grid_sample(x, grid, "bilinear", "border", False)
+
+    def pool3(self, x: torch.Tensor) -> torch.Tensor:
+        """299x299 images in 0..255 -> (B, 2048)."""
+        return self.layers((x - 128.0) / 128.0).reshape(-1, 2048)
+
+
+def save_stand_in(path, network: type[torch.nn.Module] = StandInInception, seed: int = 0):
+    """A scripted stand-in for inception-2015-12-05.pt at ``path`` (the real file is a TorchScript too)."""
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        torch.jit.script(network()).save(str(path))
+    return path
 
 
 @pytest.mark.filterwarnings("ignore:`torch.jit.script` is deprecated:FutureWarning")  # the file format of the weights
@@ -304,10 +358,7 @@ def test_inception_plumbing_matches_cleanfid_with_a_stand_in_network(tmp_path, d
     from cleanfid.fid import get_folder_features
     from cleanfid.utils import ResizeDataset
 
-    with torch.random.fork_rng():
-        torch.manual_seed(0)
-        weights = tmp_path / "stand-in.pt"
-        torch.jit.script(StandInInception()).save(str(weights))
+    weights = save_stand_in(tmp_path / "stand-in.pt")
     monkeypatch.setenv(features_module.WEIGHTS_ENV, str(weights))
     inception = build_extractor("inception", digits)  # found through the environment variable
     assert (inception.name, inception.dim, inception.label) == ("inception", 2048, "FID (Inception)")

@@ -5,41 +5,28 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import subprocess
 import sys
 from pathlib import Path
 
 import pytest
-from conftest import ROOT, compose_config, compose_train, digits_run
+from conftest import ROOT, compose_config
 from mlflow.tracking import MlflowClient
 from omegaconf import OmegaConf
 
-from sgexp.data import ensure_prepared
 from sgexp.diffusion import Sampler, cfg, sparse_guidance
 from sgexp.diffusion.guidance import CrossingScheduleWarning
 from sgexp.eval.settings import make_settings
 from sgexp.evaluate import run as evaluate
 from sgexp.flops import sample_cost
 from sgexp.lit.module import FlowMatchingModule
-from sgexp.train import run as train
 
 
-@pytest.fixture(scope="module")
-def trained(tmp_path_factory):
-    """A digits model trained for a few steps and the digits classifier, in their own data root."""
-    tmp = tmp_path_factory.mktemp("eval")
-    shards = tmp / "shards"
-    ensure_prepared("digits", shards)
-    subprocess.run(
-        [sys.executable, "-m", "sgexp.data", "classifier", "digits", "--root", str(shards)],
-        check=True,
-        cwd=ROOT,
-        capture_output=True,
-    )
-    result = train(
-        compose_train(digits_run(tmp, shards, "trainer.max_steps=30", "callbacks.guided_eval.num_samples=10"))
-    )
-    return tmp, shards, result
+@pytest.fixture
+def trained(evaluation_checkpoint):
+    """conftest's session checkpoint: (tmp, shards, training result); tests/test_best_w.py shares it."""
+    return evaluation_checkpoint
 
 
 def eval_overrides(tmp: Path, shards: Path, checkpoint: str, *extra: str) -> list[str]:
@@ -184,3 +171,34 @@ def test_missing_checkpoint(tmp_path, trained):
         evaluate(compose_config("evaluate", eval_overrides(tmp_path, shards, "latest", "logger.enabled=false")))
     with pytest.raises(FileNotFoundError, match="checkpoint='nope.ckpt' is invalid"):
         evaluate(compose_config("evaluate", eval_overrides(tmp_path, shards, "nope.ckpt", "logger.enabled=false")))
+
+
+def test_torchrun_gives_the_single_process_results(trained):
+    """``torchrun -m sgexp.evaluate`` on 2 CPU processes (gloo): the module joins the process group
+    itself, each rank samples half of the indices, rank 0 alone writes results.json, and every FID (on
+    the selection sample too) equals the single-process run's on the same indices."""
+    tmp, shards, result = trained
+    extra = ["guidance=[none,cfg]", "select=best_w", "w_grid=[1.5,3]", "select_samples=12", "num_samples=20"]
+    extra += ["batch_size=4", "bootstrap=50", "grid_size=0", "logger.enabled=false", "device=cpu"]
+    overrides = eval_overrides(tmp, shards, str(result.checkpoint), *extra)
+    torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2"]
+    env = {k: v for k, v in os.environ.items() if k not in ("RANK", "WORLD_SIZE", "LOCAL_RANK", "MASTER_ADDR")}
+    done = subprocess.run(
+        [*torchrun, "-m", "sgexp.evaluate", *overrides, f"out_dir={tmp / 'ddp'}"],
+        cwd=ROOT,
+        env={**env, "OMP_NUM_THREADS": "1"},
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert done.stdout.count("paired differences") == 1  # rank 0 alone prints the tables
+    ddp = json.loads((tmp / "ddp" / "results.json").read_text())
+    single = evaluate(compose_config("evaluate", [*overrides, f"out_dir={tmp / 'single'}"]))
+    for a, b in zip(ddp["rows"], single["rows"], strict=True):
+        assert a["setting"] == b["setting"] and a["scale"] == b["scale"]
+        assert a["fid"] == pytest.approx(b["fid"], rel=1e-4) and a["class_accuracy"] == b["class_accuracy"]
+        assert a["fid_ci"] == pytest.approx(b["fid_ci"], rel=1e-3)
+    fids = [[f["fid"] for f in r["settings"]["cfg"]["fid"]] for r in (ddp["selection"], single["selection"])]
+    assert fids[0] == pytest.approx(fids[1], rel=1e-4)
+    assert ddp["paired"][0]["diff"] == pytest.approx(single["paired"][0]["diff"], rel=1e-3, abs=1e-6)

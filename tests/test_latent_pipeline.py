@@ -114,7 +114,7 @@ def test_training_on_latents_samples_decodes_and_scores_images(trained):
 def test_evaluate_protocol_decodes_with_the_datasets_vae(trained):
     tmp, shards, _, _, weights, result = trained
     protocol = compose_config("evaluate", ["protocol=imagenet256"])
-    assert (protocol.num_samples, protocol.extractor, protocol.reference_split) == (50000, "inception", "train")
+    assert (protocol.num_samples, protocol.extractor, protocol.reference_split) == (50000, "inception_tf", "train")
     assert (protocol.sampler.solver, protocol.sampler.steps, protocol.guidance.sg.scale) == ("euler", 40, 1.5)
     assert compose_config("evaluate", ["protocol=imagenet256_5k"]).num_samples == 5000  # the sweep fidelity
     # the protocol at toy size: 6 samples, 2 steps, scored by the small classifier (see the module docstring)
@@ -159,18 +159,18 @@ def write_reference_batch(path: Path, dim: int = 2048, images: int = 8, **arrays
 def test_adm_reference_batch_and_a_moved_vae_are_loaded_before_sampling(trained, tmp_path):
     tmp, shards, _, vae, weights, result = trained
     npz = write_reference_batch(tmp_path / "VIRTUAL_toy_labeled.npz")
-    inception = build_extractor("inception", shards / "toy_latents", weights=str(weights))
+    inception = build_extractor("inception_tf", shards / "toy_latents", weights=str(weights))
     ref = load_reference_batch(npz, inception)
     with np.load(npz) as z:
         assert np.array_equal(ref.mu, z["mu"]) and np.array_equal(ref.sigma, z["sigma"])
     assert ref.features.shape == (8, 2048) and ref.split == "reference_batch" and "VIRTUAL_toy" in ref.dataset
     moved = shutil.copytree(vae, tmp_path / "elsewhere" / "vae")  # the recorded path may not exist elsewhere
     overrides = eval_overrides(
-        tmp, shards, weights, result.checkpoint, "extractor=inception", f"reference_batch={npz}", f"vae={moved}"
+        tmp, shards, weights, result.checkpoint, "extractor=inception_tf", f"reference_batch={npz}", f"vae={moved}"
     )
     evaluator = load_evaluator(compose_config("evaluate", overrides), None)
     assert evaluator.reference_name == str(npz) and np.array_equal(evaluator.reference.mu, ref.mu)
-    assert evaluator.decode.source == str(moved.resolve()) and evaluator.metric == "FID (Inception)"
+    assert evaluator.decode.source == str(moved.resolve()) and evaluator.metric == "FID (Inception, ADM TF pipeline)"
 
 
 @pytest.mark.slow
@@ -183,14 +183,14 @@ def test_evaluate_inception_fid_against_an_adm_reference_batch(trained, tmp_path
         shards,
         weights,
         result.checkpoint,
-        "extractor=inception",
+        "extractor=inception_tf",
         f"reference_batch={npz}",
         "guidance=[sg]",
         f"out_dir={tmp_path / 'eval'}",
     )
     results = evaluate(compose_config("evaluate", overrides))
     [row] = results["rows"]
-    assert results["reference"] == str(npz) and results["metric"] == "FID (Inception)"
+    assert results["reference"] == str(npz) and results["metric"] == "FID (Inception, ADM TF pipeline)"
     assert math.isfinite(row["fid"]) and 0 <= row["precision"] <= 1 and Image.open(row["grid"]).size == GRID
 
 
@@ -205,7 +205,9 @@ def test_evaluate_inception_fid_against_an_adm_reference_batch(trained, tmp_path
 def test_bad_reference_batch_fails_before_sampling(trained, tmp_path, arrays, match):
     tmp, shards, _, _, weights, result = trained
     npz = write_reference_batch(tmp_path / "ref.npz", **arrays)
-    overrides = eval_overrides(tmp, shards, weights, result.checkpoint, "extractor=inception", f"reference_batch={npz}")
+    overrides = eval_overrides(
+        tmp, shards, weights, result.checkpoint, "extractor=inception_tf", f"reference_batch={npz}"
+    )
     with pytest.raises(ValueError, match=match):
         evaluate(compose_config("evaluate", overrides))
 

@@ -34,7 +34,6 @@ def test_core_imports_no_framework():
         "cleanfid",
         "torchmetrics",
         "rich",
-        "submitit",
         "mlxtend.data",
         "sklearn",
         "plotly",

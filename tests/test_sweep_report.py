@@ -12,6 +12,7 @@ from __future__ import annotations
 import csv
 import json
 import os
+import time
 
 import mlflow
 import numpy as np
@@ -168,6 +169,18 @@ def test_pareto_trials_match_brute_force_and_optuna(case):
     assert [t.values[1] for t in front] == sorted(t.values[1] for t in front)
     assert [t.values[0] for t in front] == sorted((t.values[0] for t in front), reverse=True)
     assert all(t.state == TrialState.COMPLETE for t in front)
+
+
+def test_pareto_trials_skip_non_finite_values():
+    """Optuna's front over a study with a -inf FID (not one the driver writes) would be that trial alone;
+    the report's front is that of the finite trials, as before it used ``study.best_trials``."""
+    study = optuna.create_study(directions=["minimize", "minimize"])
+    for values in ([3.0, 1.0], [2.0, 2.0], [float("-inf"), 1.5], [1.0, 3.0], [2.5, 2.5]):
+        study.add_trial(create_trial(values=values))
+    assert sorted(t.number for t in study.best_trials) == [0, 2]  # -inf at 1.5 GFLOPs dominates 1 and 3
+    assert [t.number for t in report.pareto_trials(study)] == [0, 1, 3]
+    study.add_trial(create_trial(values=[0.5, 10.0]))
+    assert [t.number for t in report.pareto_trials(study)] == [0, 1, 3, 5]
 
 
 def test_pareto_keeps_ties():
@@ -339,3 +352,28 @@ def test_paired_intervals_decide_against_the_best_cfg(tmp_path):
     assert answer["answer"] is True and answer["point"]["number"] == 2  # not trial 1, despite its lower FID
     assert answer["n_better"] == 1 and answer["n_inconclusive"] == 1
     assert answer["decided_by"] == ["paired interval"] and answer["point_paired"]["ci"] == [-3.5, -0.5]
+
+
+def test_array_progress_prints_changes_and_a_line_per_period(tmp_path):
+    """What ``--slurm-array K --wait`` prints while it waits, from squeue's task states and the study."""
+    import io
+
+    from rich.console import Console
+
+    from sgexp.sweeps.progress import ArrayProgress
+
+    specs = synthetic_specs()
+    study = make_study(specs)
+    study.set_user_attr("config", {"n_trials": 80})
+    out = io.StringIO()
+    progress = ArrayProgress(Console(file=out, width=200), 4, study, period=0.2)
+    progress(["PENDING"] * 4)
+    progress(["PENDING"] * 4)  # unchanged within the period: silent
+    progress(["RUNNING", "RUNNING", "PENDING"])
+    time.sleep(0.3)
+    progress(["RUNNING", "RUNNING", "PENDING"])  # unchanged, but the period passed: a line
+    lines = out.getvalue().splitlines()
+    done = sum(s["state"] == TrialState.COMPLETE or not s["attrs"].get("requeued") for s in specs)
+    assert len(lines) == 3
+    assert lines[0].endswith(f"synthetic: 4 queued, 0 running, 0 finished of 4 tasks; trials {done}/80 done, 0 running")
+    assert "1 queued, 2 running, 1 finished of 4 tasks" in lines[1] and lines[1][9:] == lines[2][9:]

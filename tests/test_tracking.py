@@ -5,7 +5,10 @@ from __future__ import annotations
 import http.server
 import os
 import re
+import signal
 import socket
+import subprocess
+import sys
 import threading
 import time
 from pathlib import Path
@@ -317,3 +320,86 @@ def test_trainer_fit_and_resume(store, tmp_path):
     assert run.data.params["lr"] == "0.1" and run.data.tags["sgexp.param_changed.lr"] == "0.2"
     assert [m.step for m in client.get_metric_history(run_ids[0], "train_loss")] == list(range(6))
     assert "last/last.ckpt" in {f.path for f in client.list_artifacts(run_ids[0], "last")}  # log_model=True
+
+
+# --------------------------------------------------------------------------- the MLflow UI's view of our runs
+
+
+@pytest.mark.parametrize("where", ["sqlite", "server"])
+def test_experiments_declare_model_training(where, store, request, tmp_path):
+    """The MLflow 3 UI opens an experiment on its runs table only if it is a model training experiment."""
+    uri = store[0] if where == "sqlite" else request.getfixturevalue("server")["uri"]
+    client = MlflowClient(tracking_uri=uri)
+    made = tracking.ensure_experiment(client, f"kind-new-{where}", None, uri)
+    assert client.get_experiment(made).tags[tracking.EXPERIMENT_KIND_TAG] == "custom_model_development"
+    old = client.create_experiment(f"kind-old-{where}")  # made before sgexp declared the kind: declared now
+    assert tracking.ensure_experiment(client, f"kind-old-{where}", None, uri) == old
+    assert client.get_experiment(old).tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+    chosen = client.create_experiment(f"kind-chosen-{where}", tags={tracking.EXPERIMENT_KIND_TAG: "genai_development"})
+    tracking.ensure_experiment(client, f"kind-chosen-{where}", None, uri)  # a kind chosen in the UI is kept
+    assert client.get_experiment(chosen).tags[tracking.EXPERIMENT_KIND_TAG] == "genai_development"
+    run_id = tracking.open_run(tmp_path / "run", uri, f"kind-run-{where}", "r")  # open_run goes through it
+    experiment = client.get_experiment(client.get_run(run_id).info.experiment_id)
+    assert experiment.tags[tracking.EXPERIMENT_KIND_TAG] == tracking.MODEL_TRAINING
+
+
+OPEN_PARENT = """
+import os, signal, sys, optuna
+from sgexp.sweeps.storage import open_storage
+from sgexp.sweeps.study import load_study
+from sgexp.sweeps.tracker import Tracker
+uri, storage, root = sys.argv[1:]
+cfg = load_study("sparsity_pareto", [f"paths.root={root}", "logger.experiment=sweeps-ui"])
+study = optuna.create_study(storage=open_storage(storage), study_name=cfg.name, directions=["minimize"] * 2)
+print(Tracker.open_parent(study, cfg, uri, {"checkpoint": "x.ckpt", "storage": storage}).parent, flush=True)
+os.kill(os.getpid(), signal.SIGKILL)  # as the OOM killer or `kill -9` would: no handler runs
+"""
+
+
+def test_sweep_parents_are_named_by_storage_and_killed_ones_closed(store, tmp_path):
+    """Sweeps of one study on several storages get parents told apart by name; a parent left RUNNING by a
+    SIGKILLed command is ended KILLED by the next command on the study, one whose driver lives is left alone,
+    and the killed sweep resumed on its own storage reuses its parent."""
+    import optuna
+
+    from sgexp.sweeps.storage import open_storage
+    from sgexp.sweeps.study import load_study
+    from sgexp.sweeps.tracker import Tracker, parent_run_name
+
+    uri, client = store[0], MlflowClient(tracking_uri=store[0])
+    tracking.init_store(uri)  # the subprocess must not race this process on a fresh sqlite file's schema
+    cfg = load_study("sparsity_pareto", [f"paths.root={REPO}", "logger.experiment=sweeps-ui"])
+
+    def open_parent(name: str, resume: bool = False) -> str:
+        storage = str(tmp_path / name / "study.log")
+        study = optuna.create_study(
+            storage=open_storage(storage), study_name=cfg.name, directions=["minimize"] * 2, load_if_exists=resume
+        )
+        return Tracker.open_parent(study, cfg, uri, {"checkpoint": "x.ckpt", "storage": storage}).parent
+
+    args = [sys.executable, "-c", OPEN_PARENT, uri, str(tmp_path / "a" / "study.log"), str(REPO)]
+    dead = subprocess.run(args, cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert dead.returncode == -signal.SIGKILL, dead.stderr[-2000:]
+    killed = dead.stdout.strip()
+    assert client.get_run(killed).info.status == "RUNNING"  # what the UI showed forever before
+    live = open_parent("b")  # driven by this process, which lives
+    latest = open_parent("c")  # the next command on the study, on a third storage
+    runs = {r: client.get_run(r) for r in (killed, live, latest)}
+    assert runs[killed].info.status == "KILLED" and "gone" in runs[killed].data.tags["sgexp.closed_by"]
+    assert runs[live].info.status == "RUNNING" and runs[latest].info.status == "RUNNING"
+    names = {r.info.run_name for r in runs.values()}
+    assert len(names) == 3 and all(n.startswith("sweep sparsity_pareto @ ") for n in names)
+    assert runs[latest].info.run_name == parent_run_name("sparsity_pareto", str(tmp_path / "c" / "study.log"))
+    assert runs[latest].info.run_name.startswith("sweep sparsity_pareto @ c/study.log (")
+    assert runs[latest].data.tags["sgexp.storage"] == str(tmp_path / "c" / "study.log")
+    assert open_parent("a", resume=True) == killed and client.get_run(killed).info.status == "RUNNING"
+
+
+def test_parent_run_names():
+    from sgexp.sweeps.tracker import parent_run_name
+
+    a = parent_run_name("s", "/x/runs/optuna/s.log")
+    assert a.startswith("sweep s @ optuna/s.log (") and a != parent_run_name("s", "/y/runs/optuna/s.log")
+    rdb = parent_run_name("s", "postgresql://me:secret@db.example:5432/optuna")
+    assert rdb.startswith("sweep s @ postgresql:db.example:5432/optuna (") and "secret" not in rdb
+    assert parent_run_name("s", "sqlite:////abs/studies.db").startswith("sweep s @ sqlite:studies.db (")

@@ -75,7 +75,9 @@ def main(argv: list[str] | None = None) -> None:
     train.add_argument("--seed", type=int, default=0, help="(%(default)s)")
     train.add_argument("--max-seconds", type=float, default=None, help="stop after the epoch crossing this time")
     stats = commands.add_parser("ref-stats", parents=[stored], help="compute (or check) cached reference statistics")
-    stats.add_argument("--extractor", required=True, help="inception | classifier | mnist (= classifier on mnist5k)")
+    stats.add_argument(
+        "--extractor", required=True, help="inception | inception_tf | classifier | mnist (= classifier on mnist5k)"
+    )
     stats.add_argument("--split", default="train", choices=("train", "val"), help="(%(default)s)")
     stats.add_argument("--weights", default=None, help="Inception weights file (inception-2015-12-05.pt)")
     stats.add_argument("--batch-size", type=int, default=256, help="(%(default)s)")

@@ -39,12 +39,26 @@ shifted by the bootstrap's bias estimate (mean of replicates − estimate, §10.
 biased upwards and a redrawn set (duplicates, ~0.63 N distinct samples) is more so: at small N every
 replicate can lie above the estimate. The shift removes that resampling bias, so the interval is the
 estimate ± the seed-to-seed spread; for a paired difference of similar settings the shift is ~0.
+
+sFID (Nash et al. 2021, the ADM evaluator's spatial FID) is a Fréchet distance too, on other features
+(``features["sfid"]``) against the spatial statistics (``ReferenceStats.mu_s``/``sigma_s``): the same
+replicates, with ``dataclasses.replace(ref, mu=ref.mu_s, sigma=ref.sigma_s)`` as the reference.
+
+Precision is a mean of per-sample indicators ("inside the real k-NN manifold", the real manifold
+fixed), so a redraw is a weighted mean and its bootstrap is the textbook one. Recall has no interval:
+it is the fraction of *real* samples inside the k-NN balls of the generated ones, and the radii of
+those balls depend on the generated set itself. A redrawn set holds duplicates (~0.37 N indices
+drawn twice or more), whose k-th neighbour is partly their own copies: the radii shrink (to 0 for an
+index drawn more than k times) and the redrawn recall is biased low by an amount that is not the
+seed-to-seed spread. No weighting of the fixed generated set reproduces that spread (a subsample
+without replacement would, but at a smaller N, where recall itself differs), so none is reported.
 """
 
 from __future__ import annotations
 
 import math
 from collections.abc import Iterator, Mapping
+from dataclasses import replace
 
 import numpy as np
 
@@ -247,8 +261,17 @@ def paired_interval(
     return interval(reps_a - reps_b, fid_a - fid_b, level)
 
 
+def frechet_references(reference: ReferenceStats) -> dict[str, ReferenceStats]:
+    """The reference of each Fréchet metric: ``fid`` always, ``sfid`` when the statistics have spatial
+    moments (the ADM extractor's, ``ReferenceStats.mu_s``/``sigma_s``)."""
+    out = {"fid": reference}
+    if reference.mu_s is not None:
+        out["sfid"] = replace(reference, mu=reference.mu_s, sigma=reference.sigma_s)
+    return out
+
+
 def compare_settings(
-    features: Mapping[str, np.ndarray],
+    features: Mapping[str, Mapping[str, np.ndarray]],
     rows: Mapping[str, Mapping],
     reference: ReferenceStats,
     n_boot: int = 1000,
@@ -256,24 +279,35 @@ def compare_settings(
     seed: int = 0,
     method: str = "auto",
 ) -> tuple[dict[str, dict], list[dict]]:
-    """Intervals for settings scored on the same sample indices: ``({name: {"fid_ci", "precision_ci"}},
-    paired)``, one ``paired`` entry ``{a, b, metric: "fid", diff: fid_a − fid_b, ci}`` per pair in order.
+    """Intervals for settings scored on the same sample indices: ``({name: {"fid_ci", "precision_ci"[,
+    "sfid_ci"]}}, paired)``, one ``paired`` entry ``{a, b, metric, diff: value_a − value_b, ci}`` per pair
+    in order, for ``metric`` "fid" and then, when every setting has sFID features, "sfid".
 
-    ``rows[name]`` holds the estimates (``fid``, ``precision`` from ``metrics_from_features``); the
-    replicates of every setting come from the same draws, so each pair's difference is paired for free."""
+    ``features[name]`` maps a Fréchet metric to its features (``Evaluator.score_with_features``):
+    ``"fid"`` always, ``"sfid"`` with the ADM extractor. ``rows[name]`` holds the estimates (``fid``,
+    ``sfid``, ``precision``); the replicates of every setting come from the same draws, so each pair's
+    difference is paired for free."""
     check_level(level)
     names = list(features)
-    fid_reps, out = {}, {}
     for name in names:
-        _, fid_reps[name] = fid_replicates(features[name], reference, n_boot, seed, method)
-        out[name] = {"fid_ci": list(interval(fid_reps[name], rows[name]["fid"], level))}
-        if math.isfinite(rows[name].get("precision", math.nan)):
-            _, reps = precision_replicates(features[name], reference, n_boot, seed)
-            out[name]["precision_ci"] = list(interval(reps, rows[name]["precision"], level))
+        if not isinstance(features[name], Mapping) or "fid" not in features[name]:
+            raise fail(f"features[{name!r}]", type(features[name]).__name__, 'needs a mapping {"fid": ..., ...}')
+    with_sfid = all("sfid" in features[n] for n in names)  # the same extractor scored all or none of them
+    references = frechet_references(reference) if with_sfid else {"fid": reference}
+    out = {name: {} for name in names}
     paired = []
-    for i, a in enumerate(names):
-        for b in names[i + 1 :]:
-            diff = rows[a]["fid"] - rows[b]["fid"]
-            ci = interval(fid_reps[a] - fid_reps[b], diff, level)
-            paired.append({"a": a, "b": b, "metric": "fid", "diff": diff, "ci": list(ci)})
+    for metric, ref in references.items():  # metric outermost: one reference root per metric (_ROOT)
+        reps = {}
+        for name in names:
+            _, reps[name] = fid_replicates(features[name][metric], ref, n_boot, seed, method)
+            out[name][f"{metric}_ci"] = list(interval(reps[name], rows[name][metric], level))
+        for i, a in enumerate(names):
+            for b in names[i + 1 :]:
+                diff = rows[a][metric] - rows[b][metric]
+                ci = interval(reps[a] - reps[b], diff, level)
+                paired.append({"a": a, "b": b, "metric": metric, "diff": diff, "ci": list(ci)})
+    for name in names:
+        if math.isfinite(rows[name].get("precision", math.nan)):
+            _, reps = precision_replicates(features[name]["fid"], reference, n_boot, seed)
+            out[name]["precision_ci"] = list(interval(reps, rows[name]["precision"], level))
     return out, paired

@@ -161,9 +161,11 @@ class Evaluator:
         progress: Callable[[int], None] | None = None,
         labels: str = "balanced",
         npz: Path | None = None,
-    ) -> tuple[dict, np.ndarray]:
-        """``score``'s row and the features it was computed from, (num_samples, dim) in sample-index
-        order: what bootstrap intervals resample (``sgexp.eval.bootstrap``) without sampling again.
+    ) -> tuple[dict, dict[str, np.ndarray]]:
+        """``score``'s row and the features its Fréchet distances were computed from, by metric name,
+        float32 in sample-index order: ``"fid"`` -> (num_samples, dim) pool features, and with an
+        extractor that has spatial features (``inception_tf``) ``"sfid"`` -> (num_samples, 2023).
+        What bootstrap intervals resample (``sgexp.eval.bootstrap``) without sampling again.
         ``labels`` (``balanced`` or ``uniform``) and ``npz`` (write the samples there for ADM's
         evaluator) are ``score_setting``'s."""
         built = setting if isinstance(setting, Setting) else make_settings({name: setting})[0]
@@ -187,7 +189,10 @@ class Evaluator:
         images = scored.grid
         if images is not None and grid is not None:
             row["grid"] = str(save_grid(images, grid, nrow=min(self.configs["main"].num_classes, 10, len(images))))
-        return row, scored.features
+        features = {"fid": scored.features}
+        if scored.spatial is not None:
+            features["sfid"] = scored.spatial
+        return row, features
 
 
 def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
@@ -197,7 +202,7 @@ def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
     ``vae`` (where the dataset's VAE is, if not where meta.json says) and ``reference_batch``
     (an ADM reference npz instead of the dataset's statistics) are optional."""
     if cfg.extractor == "none":
-        raise fail("extractor", "none", "evaluation reports metrics: use auto, classifier or inception")
+        raise fail("extractor", "none", "evaluation reports metrics: use auto, classifier, inception or inception_tf")
     auto = cfg.device == "auto"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.device)
     runs_dir = Path(cfg.paths.runs_dir)

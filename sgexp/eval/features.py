@@ -1,15 +1,22 @@
-"""Feature extractors for FID: clean-fid's Inception-V3 and the project's own classifier.
+"""Feature extractors for FID: clean-fid's Inception-V3, ADM's TensorFlow pipeline on the same
+weights, and the project's own classifier.
 
 Every extractor maps uint8 images (B, C, H, W) in [0, 255] to float32 features
 (B, dim) in two steps, so that clean-fid can drive the second one on its own
 inputs (``CleanFIDAdapter``) and the two FIDs can be compared exactly:
 
 - ``prepare``: geometry only, uint8 -> float 0..255 at the network's input size
-  (Inception: grey repeated to RGB, then clean-fid's "clean" resize to 299x299);
+  (``inception``: grey repeated to RGB, then clean-fid's "clean" resize to 299x299;
+  ``inception_tf``: grey repeated to RGB, no resize: the network resizes as TF did);
 - ``embed``: float 0..255 -> features (normalisation + network).
 
-``identity`` names the weights (a SHA-256 of the file): reference statistics
-computed with other weights are not reused (see ``metrics.reference_stats``).
+``identity`` names the weights (a SHA-256 of the file) and the pipeline: reference
+statistics computed with other weights or another resize are not reused (see
+``metrics.reference_stats``, whose cache file is also named after the extractor).
+
+``inception_tf`` is ADM's evaluator (``sgexp.eval.adm_inception``): pool3 features for
+FID, spatial features (``spatial_dim`` > 0) for sFID, and the Inception Score's logits
+computed from the pool features (``logits_from_features``), all from one network pass.
 
 Inception weights (``inception-2015-12-05.pt``, the TorchScript port of the
 TensorFlow FID network that clean-fid uses; Parmar et al. 2022, "On Aliased
@@ -25,7 +32,6 @@ import itertools
 import logging
 import os
 import platform
-import warnings
 from pathlib import Path
 from urllib.parse import urlparse
 
@@ -36,12 +42,13 @@ from torch import nn
 from sgexp.checks import check_choice, fail
 from sgexp.data import read_meta
 from sgexp.data.latent_format import image_channels, image_dataset_dir
+from sgexp.eval.adm_inception import SPATIAL_DIM, load_adm_inception, load_torchscript
 from sgexp.eval.classifier import CHECKPOINT, file_sha256, load_classifier, normalise
 from sgexp.weights import internet_reachable
 
 log = logging.getLogger("sgexp.eval.features")
 
-EXTRACTORS = ("inception", "classifier")
+EXTRACTORS = ("inception", "inception_tf", "classifier")
 ALIASES = {"mnist": "classifier"}  # "mnist": the classifier of mnist5k, the project's default domain FID
 INCEPTION_FILE = "inception-2015-12-05.pt"
 INCEPTION_SIZE = 299
@@ -54,8 +61,10 @@ class FeatureExtractor(nn.Module):
     name: str
     label: str  # what reports call the metric
     dim: int
-    num_classes: int | None = None
+    num_classes: int | None = None  # classes of the dataset the logits score (class accuracy); None: none
     prepared_channels: int  # channels of ``prepare``'s output, i.e. of the network input
+    spatial_dim: int = 0  # > 0: ``features_and_spatial`` also gives sFID's spatial features
+    is_split_size: int | None = None  # Inception Score per chunk of this many samples (ADM: 5000); None: one
 
     def __init__(self, in_channels: int, identity: str):
         super().__init__()
@@ -100,6 +109,15 @@ class FeatureExtractor(nn.Module):
         """Features and (if the extractor classifies) logits; the classifier does both in one pass."""
         return self(images), None
 
+    def features_and_spatial(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Features and (if ``spatial_dim``) sFID's spatial features, from one network pass."""
+        return self(images), None
+
+    def logits_from_features(self, features: np.ndarray) -> np.ndarray | None:
+        """Inception-Score logits computed from (gathered) features, or None where logits come from the
+        network pass instead (the classifier: ``features_and_logits``) or not at all."""
+        return None
+
     def cleanfid_resize(self):
         """The ``custom_fn_resize`` that makes clean-fid feed ``embed`` what ``prepare`` would (None: clean-fid's)."""
         return None
@@ -123,10 +141,7 @@ class InceptionExtractor(FeatureExtractor):
         from cleanfid.resize import make_resizer  # clean-fid loads scipy, torchvision, requests: on use
 
         super().__init__(in_channels, f"{INCEPTION_FILE} sha256={file_sha256(path)} resize=clean-fid PIL bicubic 299")
-        with warnings.catch_warnings():
-            # torch deprecates TorchScript, but the weights clean-fid and StyleGAN publish are a TorchScript file
-            warnings.filterwarnings("ignore", message=r"`torch\.jit\.load` is deprecated", category=FutureWarning)
-            network = torch.jit.load(str(path), map_location="cpu").eval()
+        network = load_torchscript(path)
         if not hasattr(network, "layers"):
             raise fail("weights", str(path), f"is not clean-fid's {INCEPTION_FILE} (the TorchScript has no `layers`)")
         self.network = network
@@ -146,8 +161,52 @@ class InceptionExtractor(FeatureExtractor):
         raise NotImplementedError(
             "the inception extractor exposes only the 2048-d pool features: the TorchScript's classification"
             " output (1008-way, resized inside the network) is not part of the clean-FID path; an Inception Score"
-            " is not computed (use the classifier extractor for class accuracy and the IS analogue)"
+            " is not computed here (extractor=inception_tf gives ADM's, or the classifier its analogue)"
         )
+
+
+class InceptionTFExtractor(FeatureExtractor):
+    """ADM's evaluator features (``sgexp.eval.adm_inception``): clean-fid's ``legacy_tensorflow`` mode.
+
+    ``prepare`` only makes RGB floats (no resize: the network resizes inside, with TF1's bilinear
+    resize as ADM's TensorFlow graph does); ``embed`` is the network pass, pool3 (2048-d).
+    ``features_and_spatial`` adds sFID's ``mixed_6/conv`` features (first 7 channels, 17x17,
+    2023-d) from the same pass; the Inception Score's logits are ``pool3 @ W`` without bias
+    (``logits_from_features``), scored in splits of 5000 as ADM does. ``num_classes`` stays None:
+    Inception's 1008 classes are not the dataset's labels (no class accuracy).
+    """
+
+    name = "inception_tf"
+    label = "FID (Inception, ADM TF pipeline)"
+    dim = 2048
+    prepared_channels = 3
+    spatial_dim = SPATIAL_DIM
+    is_split_size = 5000  # ADM's compute_inception_score(split_size=5000): 10 splits at 50k samples
+
+    def __init__(self, path: str | Path, in_channels: int):
+        super().__init__(
+            in_channels,
+            f"{INCEPTION_FILE} sha256={file_sha256(path)} resize=TF1 bilinear inside the network (ADM, clean-fid"
+            " legacy_tensorflow); pool3, mixed_6/conv[:7]",
+        )
+        self.network = load_adm_inception(path)  # fails here if the file's forward disagrees with our pass
+
+    def prepare(self, images: torch.Tensor) -> torch.Tensor:
+        x = images.float()
+        return x.repeat(1, 3, 1, 1) if x.shape[1] == 1 else x  # PIL's convert("RGB") of a grey image
+
+    def embed(self, x: torch.Tensor) -> torch.Tensor:
+        return self.network(x)[0]
+
+    def features_and_spatial(self, images: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        self.check_images(images)
+        return self.network(self.prepare(images).to(self.device))
+
+    def logits_from_features(self, features: np.ndarray) -> np.ndarray:
+        return self.network.logits(features)
+
+    def cleanfid_resize(self):
+        return keep_size  # clean-fid's legacy_tensorflow mode does not resize either
 
 
 class ClassifierExtractor(FeatureExtractor):
@@ -261,7 +320,7 @@ def build_extractor(
 ) -> FeatureExtractor:
     """The extractor ``name`` for images of the dataset at ``dataset_dir`` (which holds meta.json), in eval mode.
 
-    ``weights`` is the Inception file and is ignored by the classifier, which always
+    ``weights`` is the Inception file (both Inception extractors) and is ignored by the classifier, which always
     loads ``<dataset_dir>/classifier.pt`` (so a caller may pass it unconditionally).
     For a latent dataset the extractor takes the decoded images (their channels are in
     meta.json), and the classifier is the one of the image dataset it was encoded from.
@@ -280,6 +339,8 @@ def build_extractor(
         name = ALIASES[name]
     if name == "inception":
         extractor = InceptionExtractor(inception_weights(weights), image_channels(meta))
+    elif name == "inception_tf":
+        extractor = InceptionTFExtractor(inception_weights(weights), image_channels(meta))
     else:
         dataset_dir = image_dataset_dir(dataset_dir, meta)
         meta = read_meta(dataset_dir)

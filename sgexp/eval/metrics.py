@@ -6,18 +6,23 @@
   ``|mu_r - mu_g|^2 + Tr(S_r + S_g - 2 (S_r S_g)^(1/2))``. Computed as clean-fid
   does (Parmar et al. 2022, "On Aliased Resizing and Surprising Subtleties in GAN
   Evaluation"): float64 ``np.mean`` / ``np.cov`` and ``cleanfid.fid.frechet_distance``.
+- sFID (Nash et al. 2021, "Generating Images with Sparse Representations"): the same
+  distance on spatial features, ADM's first 7 channels of Inception's ``mixed_6/conv``
+  (extractor ``inception_tf``), against the reference's ``mu_s``/``sigma_s``.
 - Precision and recall (Kynkäänniemi et al. 2019, "Improved Precision and Recall
   Metric for Assessing Generative Models"), k = 3 nearest neighbours.
 - Class accuracy: the fraction of samples the classifier assigns to the class they
   were generated for.
-- An Inception-Score analogue (Salimans et al. 2016, "Improved Techniques for
-  Training GANs"): ``exp(E_x KL(p(y|x) || p(y)))`` from the domain classifier's
-  softmax, over the whole sample set (one split, not the paper's ten).
+- Inception Score (Salimans et al. 2016, "Improved Techniques for Training GANs"):
+  ``exp(E_x KL(p(y|x) || p(y)))``. ``inception_tf``: ADM's, softmax(pool3 @ W) in
+  consecutive chunks of 5000 samples, the mean of the chunks' scores; the domain
+  classifier: an analogue from its softmax over the whole sample set (one split).
 
 Reference statistics are computed once per (dataset, split, extractor) and cached
-in ``<dataset_dir>/fid_stats/<extractor>_<split>.npz``: mu, sigma, n, a random
-subset of raw features (for precision/recall), the extractor's identity (a hash of
-its weights) and the dataset's identity; a cache that does not match is recomputed.
+in ``<dataset_dir>/fid_stats/<extractor>_<split>.npz``: mu, sigma (and mu_s, sigma_s
+for an extractor with spatial features), n, a random subset of raw features (for
+precision/recall), the extractor's identity (a hash of its weights and its pipeline)
+and the dataset's identity; a cache that does not match is recomputed.
 """
 
 from __future__ import annotations
@@ -99,15 +104,20 @@ class RunningMoments:
 # ----------------------------------------------------------------------------- class metrics
 
 
-def inception_score(probs: np.ndarray) -> float:
-    """``exp(mean_x KL(p(y|x) || p(y)))`` with p(y) the mean prediction (Salimans et al. 2016), one split.
+def inception_score(probs: np.ndarray, split_size: int | None = None) -> float:
+    """``exp(mean_x KL(p(y|x) || p(y)))`` with p(y) the mean prediction (Salimans et al. 2016).
 
-    1 when every sample gets the same prediction; num_classes when predictions are
-    confident and the classes balanced.
+    ``split_size``: ADM's evaluator (``compute_inception_score``): the score of each consecutive
+    chunk of ``split_size`` rows (the last one may be shorter), then their mean; None: one split.
+    1 when every sample gets the same prediction; num_classes when predictions are confident
+    and the classes balanced. Unlike ADM's ``p * log p``, a probability of exactly 0 adds 0, not nan.
     """
     from scipy.special import rel_entr  # 0 * log 0 = 0, where a plain log would give nan
 
     probs = np.asarray(probs, dtype=np.float64)
+    if split_size is not None:
+        check_positive_int("split_size", split_size)
+        return float(np.mean([inception_score(probs[i : i + split_size]) for i in range(0, len(probs), split_size)]))
     marginal = probs.mean(axis=0, keepdims=True)
     return float(np.exp(rel_entr(probs, marginal).sum(axis=1).mean()))
 
@@ -139,6 +149,21 @@ def extract(
     return np.concatenate(feats), (np.concatenate(logits) if with_logits else None)
 
 
+@torch.no_grad()
+def extract_with_spatial(
+    extractor: FeatureExtractor, images: torch.Tensor, batch_size: int = 256
+) -> tuple[np.ndarray, np.ndarray | None]:
+    """Features (N, dim) and, if the extractor has them, spatial features (N, spatial_dim): one pass."""
+    if not extractor.spatial_dim:
+        return extract(extractor, images, batch_size)[0], None
+    check_positive_int("batch_size", batch_size)
+    extractor.check_images(images)
+    parts = [extractor.features_and_spatial(images[i : i + batch_size]) for i in range(0, len(images), batch_size)]
+    if not parts:
+        return np.zeros((0, extractor.dim), np.float32), np.zeros((0, extractor.spatial_dim), np.float32)
+    return tuple(np.concatenate([p[k].float().cpu().numpy() for p in parts]) for k in (0, 1))
+
+
 # ----------------------------------------------------------------------------- reference statistics
 
 
@@ -151,6 +176,8 @@ class ReferenceStats:
     extractor: str  # FeatureExtractor.identity: which weights made the features
     split: str
     dataset: str = ""  # dataset identity (name, creation time, size): a re-prepared dataset invalidates the cache
+    mu_s: np.ndarray | None = None  # (spatial_dim,) sFID's spatial statistics; None when the extractor has none
+    sigma_s: np.ndarray | None = None  # (spatial_dim, spatial_dim)
 
 
 def stats_path(dataset_dir: str | Path, extractor_name: str, split: str) -> Path:
@@ -165,7 +192,8 @@ def _load(path: Path) -> ReferenceStats | None:
     try:
         with np.load(path, allow_pickle=False) as z:
             strings = {key: str(z[key]) for key in ("extractor", "split", "dataset")}
-            return ReferenceStats(z["mu"], z["sigma"], z["features"], int(z["n"]), **strings)
+            spatial = {key: z[key] for key in ("mu_s", "sigma_s") if key in z.files}
+            return ReferenceStats(z["mu"], z["sigma"], z["features"], int(z["n"]), **strings, **spatial)
     except FileNotFoundError:
         return None
     except Exception as exn:  # a truncated or foreign file is recomputed, not trusted
@@ -186,6 +214,7 @@ def _save(stats: ReferenceStats, path: Path) -> None:
             extractor=stats.extractor,
             split=stats.split,
             dataset=stats.dataset,
+            **({} if stats.mu_s is None else {"mu_s": stats.mu_s, "sigma_s": stats.sigma_s}),
         )
     os.replace(tmp, path)
 
@@ -198,6 +227,8 @@ def _stale(cached: ReferenceStats, extractor: FeatureExtractor, dataset: str, ma
         return f"made for dataset {cached.dataset!r}, now {dataset!r}"
     if len(cached.features) != min(max_features, cached.n):
         return f"holds {len(cached.features)} raw features, {min(max_features, cached.n)} asked"
+    if extractor.spatial_dim and (cached.mu_s is None or cached.mu_s.shape != (extractor.spatial_dim,)):
+        return f"has no {extractor.spatial_dim}-d spatial statistics (sFID)"
     return None
 
 
@@ -209,12 +240,15 @@ def _compute(
     keep = np.zeros(expected, dtype=bool)
     keep[np.random.default_rng(PR_SEED).choice(expected, min(max_features, expected), replace=False)] = True
     moments, subset, seen = RunningMoments(extractor.dim), [], 0
+    spatial = RunningMoments(extractor.spatial_dim) if extractor.spatial_dim else None
     # strict reading: statistics over silently shortened data would be wrong without anyone noticing
     batches = split_pipeline(shard_urls(dataset_dir, meta, split), meta, batch_size, BadSamples(strict=True))
     with track(f"reference {meta['name']}/{split} ({extractor.name})", total=expected, unit="images") as advance:
         for images, _, _ in batches:
-            feats, _ = extract(extractor, torch.from_numpy(images), batch_size)
+            feats, spatial_feats = extract_with_spatial(extractor, torch.from_numpy(images), batch_size)
             moments.update(feats)
+            if spatial is not None:
+                spatial.update(spatial_feats)
             subset.append(feats[keep[seen : seen + len(feats)]])
             seen += len(feats)
             advance(len(feats))
@@ -228,6 +262,7 @@ def _compute(
         extractor.identity,
         split,
         _dataset_identity(meta, split),
+        *((spatial.mean, spatial.cov) if spatial is not None else ()),
     )
 
 
@@ -289,18 +324,33 @@ def pr_reference(ref: ReferenceStats, n: int) -> np.ndarray:
 
 
 def metrics_from_features(
-    features: np.ndarray, logits: np.ndarray | None, labels: np.ndarray | None, ref: ReferenceStats
+    features: np.ndarray,
+    logits: np.ndarray | None,
+    labels: np.ndarray | None,
+    ref: ReferenceStats,
+    spatial: np.ndarray | None = None,
+    is_split_size: int | None = None,
 ) -> dict:
     """``compute_metrics`` on features (and logits) already extracted, e.g. gathered from several processes.
 
-    Keys: ``fid``, ``precision``, ``recall``, ``num_samples``; with ``logits`` also
-    ``inception_score`` and, when ``labels`` are given, ``class_accuracy``. Precision
-    and recall use as many reference features as there are samples (``PR_SEED``
-    subset; see ``precision_recall``), and are nan below k + 1 = 4 samples.
+    Keys: ``fid``, ``precision``, ``recall``, ``num_samples``; with ``spatial`` features also
+    ``sfid`` (against ``ref.mu_s``/``ref.sigma_s``; nan if the reference has none); with
+    ``logits`` also ``inception_score`` (chunks of ``is_split_size``, see ``inception_score``)
+    and, when ``labels`` are given, ``class_accuracy``. Precision and recall use as many
+    reference features as there are samples (``PR_SEED`` subset; see ``precision_recall``),
+    and are nan below k + 1 = 4 samples.
     """
     n = len(features)
     _check_labels(labels, n)
+    if spatial is not None and len(spatial) != n:
+        raise fail("spatial", f"shape {np.shape(spatial)}", f"must be one row per sample ({n})")
     metrics = {"fid": fid_from_features(features, ref.mu, ref.sigma)}
+    if spatial is not None:
+        if ref.mu_s is None:
+            log.warning("the reference statistics have no spatial part (mu_s, sigma_s): sFID reported as nan")
+            metrics["sfid"] = float("nan")
+        else:
+            metrics["sfid"] = fid_from_features(spatial, ref.mu_s, ref.sigma_s)
     real = pr_reference(ref, n)
     if min(len(real), n) > 3:
         metrics["precision"], metrics["recall"] = precision_recall(real, features, k=3)
@@ -313,11 +363,28 @@ def metrics_from_features(
         metrics["precision"] = metrics["recall"] = float("nan")
     if logits is not None:
         probs = torch.softmax(torch.as_tensor(logits, dtype=torch.float64), dim=1).numpy()
-        metrics["inception_score"] = inception_score(probs)
+        metrics["inception_score"] = inception_score(probs, is_split_size)
         if labels is not None:
             metrics["class_accuracy"] = class_accuracy(logits, labels)
     metrics["num_samples"] = n
     return metrics
+
+
+def score_features(
+    extractor: FeatureExtractor,
+    features: np.ndarray,
+    logits: np.ndarray | None,
+    labels: np.ndarray | None,
+    ref: ReferenceStats,
+    spatial: np.ndarray | None = None,
+) -> dict:
+    """``metrics_from_features`` as ``extractor`` defines its metrics: Inception-Score logits from the
+    features where they come from them (ADM: pool3 @ W), its split size, class accuracy only when its
+    classes are the dataset's (``num_classes``)."""
+    if logits is None:
+        logits = extractor.logits_from_features(features)
+    labels = labels if extractor.num_classes is not None else None
+    return metrics_from_features(features, logits, labels, ref, spatial, extractor.is_split_size)
 
 
 def compute_metrics(
@@ -328,7 +395,8 @@ def compute_metrics(
     batch_size: int = 256,
     device: str | torch.device = "cpu",
 ) -> dict:
-    """FID, precision, recall, and for a classifier the IS analogue and class accuracy (if ``labels``).
+    """FID, precision, recall; for a classifier the IS analogue and class accuracy (if ``labels``);
+    for ``inception_tf`` sFID and ADM's Inception Score.
 
     See ``metrics_from_features`` for the keys. ``ref`` must come from the same
     weights as ``extractor`` (``reference_stats`` with this extractor).
@@ -341,7 +409,11 @@ def compute_metrics(
             "; get fresh statistics from reference_stats",
         )
     _check_labels(labels, len(fake_images_uint8))  # before the (possibly long) feature extraction
-    classifies = extractor.num_classes is not None
-    features, logits = extract(extractor.to(device), fake_images_uint8, batch_size, with_logits=classifies)
+    extractor = extractor.to(device)
+    spatial = None
+    if extractor.num_classes is not None:
+        features, logits = extract(extractor, fake_images_uint8, batch_size, with_logits=True)
+    else:
+        (features, spatial), logits = extract_with_spatial(extractor, fake_images_uint8, batch_size), None
     labels = None if labels is None else torch.as_tensor(labels).cpu().numpy()
-    return metrics_from_features(features, logits, labels, ref)
+    return score_features(extractor, features, logits, labels, ref, spatial)

@@ -4,9 +4,10 @@ Sample ``i`` takes its noise, label and routing masks from seeds of
 ``(base_seed, i)`` (``sgexp.diffusion.seeds``), so every setting is scored on
 the same samples (common random numbers) and the result does not depend on the
 batch size or on how indices are spread over processes. Rank ``r`` of ``W``
-generates indices ``r, r+W, r+2W, ...``, extracts their features itself, and
-only features (not images) are gathered: that is what scales to 50k ImageNet
-samples. With ``npz`` the images also go, batch by batch, to the rank's shard of an
+generates indices ``r, r+W, r+2W, ...``, extracts their features itself (with
+``inception_tf`` also sFID's spatial features, from the same pass), and only
+features (not images) are gathered: that is what scales to 50k ImageNet samples.
+With ``npz`` the images also go, batch by batch, to the rank's shard of an
 ADM-evaluator npz that rank 0 merges (``sgexp.eval.export``).
 
 Labels are ``balanced`` (``i mod C``) or ``uniform`` (drawn per index, as DiT's
@@ -30,7 +31,7 @@ from sgexp.diffusion.guidance import Guidance, cfg
 from sgexp.diffusion.sampler import Sampler, generate
 from sgexp.diffusion.seeds import LABEL_MODES
 from sgexp.eval.export import ShardWriter, merge_shards
-from sgexp.eval.metrics import metrics_from_features
+from sgexp.eval.metrics import score_features
 from sgexp.eval.progress import track
 from sgexp.flops import sample_cost
 from sgexp.models.dit import DiTConfig
@@ -54,6 +55,7 @@ class Scored:
     logits: np.ndarray | None
     seconds: float
     grid: torch.Tensor | None = field(default=None, repr=False)
+    spatial: np.ndarray | None = field(default=None, repr=False)  # sFID's features (inception_tf), like features
 
 
 def to_uint8(x: torch.Tensor) -> torch.Tensor:
@@ -99,7 +101,8 @@ def sample_and_extract(
     are appended to this rank's shard of that file (``score_setting`` merges them).
     Rank 0 shows the pass's progress (``sgexp.eval.progress``) unless ``show_progress``
     is False; ``progress(n)``, if given, is also called after each batch with its size.
-    Without an ``extractor`` only the grid (and timing) is produced.
+    Without an ``extractor`` only the grid (and timing) is produced; an extractor with
+    ``spatial_dim`` also gives sFID's spatial features (``Scored.spatial``).
     """
     check_positive_int("num_samples", num_samples)
     check_positive_int("batch_size", batch_size)
@@ -110,8 +113,9 @@ def sample_and_extract(
         raise fail("npz", str(npz), "needs an initialised process group when several processes run (WORLD_SIZE > 1)")
     mine = rank_indices(num_samples, rank, world)
     with_logits = extractor is not None and getattr(extractor, "num_classes", None) is not None
+    with_spatial = extractor is not None and getattr(extractor, "spatial_dim", 0) > 0
     writer = ShardWriter(npz, rank, len(mine)) if npz is not None else None
-    feats, logits, classes, grid = [], [], [], []
+    feats, logits, spatial, classes, grid = [], [], [], [], []
     seconds, shown = 0.0, 0
     with track(f"{setting.name:>12}", total=num_samples, enabled=show_progress) as advance:
         for start in range(0, len(mine), batch_size):
@@ -128,6 +132,10 @@ def sample_and_extract(
                 f, z = extractor.features_and_logits(images)
                 feats.append(f.float().cpu().numpy())
                 logits.append(z.float().cpu().numpy())
+            elif with_spatial:  # pool and spatial features from one network pass
+                f, s = extractor.features_and_spatial(images)
+                feats.append(f.float().cpu().numpy())
+                spatial.append(s.float().cpu().numpy())
             elif extractor is not None:
                 feats.append(extractor(images).float().cpu().numpy())
             classes.append(y.cpu().numpy())
@@ -154,6 +162,9 @@ def sample_and_extract(
         else None,
         seconds=seconds,
         grid=torch.cat(grid) if grid else None,
+        spatial=(np.concatenate(spatial) if spatial else np.zeros((0, extractor.spatial_dim), np.float32))
+        if with_spatial
+        else None,
     )
 
 
@@ -181,6 +192,7 @@ def gather(scored: Scored) -> Scored:
         logits=cat("logits") if scored.logits is not None else None,
         seconds=max(p.seconds for p in parts),
         grid=grid,
+        spatial=cat("spatial") if scored.spatial is not None else None,
     )
 
 
@@ -229,7 +241,8 @@ def score_setting(
     show_progress: bool = True,
 ) -> tuple[dict, Scored]:
     """One results row (quality, cost, time) and the gathered ``Scored`` it came from: the
-    features in sample-index order (what bootstrap intervals resample) and the grid images.
+    features (and spatial features) in sample-index order (what bootstrap intervals resample)
+    and the grid images.
 
     Metrics need an ``extractor`` and its ``reference`` statistics; every process
     returns the same row. ``labels``: the label mode (recorded as ``row["labels"]``).
@@ -265,6 +278,6 @@ def score_setting(
         row["npz"] = Path(npz).name
     row.update(cost_summary(setting, configs, sampler, scored.seconds, num_samples))
     if extractor is not None and reference is not None:
-        row.update(metrics_from_features(scored.features, scored.logits, scored.labels, reference))
+        row.update(score_features(extractor, scored.features, scored.logits, scored.labels, reference, scored.spatial))
         row["metric"] = extractor.label
     return row, scored

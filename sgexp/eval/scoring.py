@@ -45,8 +45,8 @@ def classifier_dataset(dataset_dir: str | Path) -> Path | None:
 
 
 def choose_extractor(name: str, dataset_dir: str | Path, without_classifier: str = "inception") -> str:
-    """The extractor ``name`` stands for: ``inception``, ``classifier`` (``mnist``: mnist5k's classifier)
-    or ``none``.
+    """The extractor ``name`` stands for: ``inception`` (clean-fid), ``inception_tf`` (ADM's evaluator,
+    ``protocol=adm``), ``classifier`` (``mnist``: mnist5k's classifier) or ``none``.
 
     ``auto`` is the dataset's own classifier (domain FID) when it has been trained (for latents: the
     classifier of the image dataset, ``classifier_dataset``), and ``without_classifier`` otherwise:
@@ -75,8 +75,8 @@ def load_scoring(
     """Everything that turns samples of the dataset at ``dataset_dir`` into metrics, loaded now.
 
     ``extractor`` is chosen by ``choose_extractor``; the reference is ``reference_batch`` (an ADM
-    npz) if given, else the cached statistics of ``reference_split``; ``weights`` is the Inception
-    file; ``vae`` where the latent dataset's autoencoder is, if not where meta.json says."""
+    npz: ``inception_tf`` only) if given, else the cached statistics of ``reference_split``; ``weights``
+    is the Inception file; ``vae`` where the latent dataset's autoencoder is, if not where meta.json says."""
     dataset_dir = Path(dataset_dir)
     name = choose_extractor(extractor, dataset_dir, without_classifier)
     decode = vae_for_dataset(read_meta(dataset_dir), vae, device)  # None unless the dataset holds latents

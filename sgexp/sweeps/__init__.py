@@ -7,8 +7,9 @@
 - ``storage`` (and ``journal``): journal/RDB storage, heartbeats, stale trials, budget;
 - ``tracker``: the study's MLflow parent run and one child run per trial;
 - ``driver``: workers, the ask/tell loop, the study from start to report;
-- ``fidelity``: re-evaluation of the Pareto set on more samples;
+- ``fidelity``: re-evaluation of the finalists on more samples, paired intervals between them;
 - ``array``: workers as a SLURM job array;
 - ``progress``: the live table and the final Pareto table;
-- ``report`` (and ``plots``): Pareto plots, hypervolume, heatmaps, ``summary.json``.
+- ``report`` (and ``plots``): Pareto plots, hypervolume, heatmaps, ``summary.json``;
+- ``dashboard``: a stored study in optuna-dashboard (``python -m sgexp.sweeps dashboard``).
 """

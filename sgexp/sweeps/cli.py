@@ -4,6 +4,7 @@
     python -m sgexp.sweeps --study cfg_scale --workers 2 --n-trials 20
     python -m sgexp.sweeps --study sparsity_pareto --set checkpoint=runs/mnist_tread/20261127-101500 --set seed=1
     python -m sgexp.sweeps --study sparsity_pareto --report              # report only, from the storage
+    python -m sgexp.sweeps dashboard --study sparsity_pareto [--port 8080]  # optuna-dashboard on 127.0.0.1
     python -m sgexp.sweeps --study sparsity_pareto --slurm-array 8 --slurm-args="--partition=gpu --gpus=1" \\
         --tracking-uri http://login1:5000                                # 8 SLURM worker jobs, one journal
 
@@ -49,6 +50,24 @@ def parse(argv: list[str] | None = None) -> argparse.Namespace:
     return parser.parse_args(argv)
 
 
+def parse_dashboard(argv: list[str]) -> argparse.Namespace:
+    parser = argparse.ArgumentParser(
+        prog="python -m sgexp.sweeps dashboard", description="Open a stored study in optuna-dashboard (127.0.0.1)."
+    )
+    parser.add_argument("--study", required=True, help="the study's name (--set name=... of the sweep)")
+    parser.add_argument("--storage", help="journal file or RDB URL (default runs/optuna/<study>.log)")
+    parser.add_argument("--port", type=int, default=8080, help="%(default)s")
+    parser.add_argument("--set", action="append", default=[], metavar="KEY=VALUE", help="paths.root, paths.runs_dir")
+    return parser.parse_args(argv)
+
+
+def stored_storage(args: argparse.Namespace, name: str) -> str:
+    """The storage of a stored study: --storage, else the sweep's default ``<runs_dir>/optuna/<name>.log``."""
+    root = Path(_override(args.set, "paths.root") or ".")
+    runs = Path(_override(args.set, "paths.runs_dir") or root / "runs")
+    return args.storage or str(runs.resolve() / "optuna" / f"{name}.log")
+
+
 def overrides(args: argparse.Namespace) -> list[str]:
     flags = {"n_trials": args.n_trials, "samples_per_trial": args.samples, "final_samples": args.final_samples}
     return [*args.set, *(f"{key}={value}" for key, value in flags.items() if value is not None)]
@@ -61,6 +80,14 @@ def _override(items: list[str], key: str) -> str | None:
 
 
 def main(argv: list[str] | None = None) -> dict:
+    argv = sys.argv[1:] if argv is None else list(argv)
+    if argv[:1] == ["dashboard"]:
+        from sgexp.sweeps import dashboard
+
+        args = parse_dashboard(argv[1:])
+        logging.basicConfig(level=logging.INFO, format="%(message)s")
+        dashboard.serve(args.study, stored_storage(args, args.study), args.port)
+        return {}
     args = parse(argv)
     # After parsing, so that --help stays fast: these bring in MLflow and Lightning (seconds).
     from sgexp.sweeps import array, driver
@@ -80,10 +107,7 @@ def main(argv: list[str] | None = None) -> dict:
     try:
         if args.report:
             name = _override(args.set, "name") or args.study
-            root = Path(_override(args.set, "paths.root") or ".")
-            runs = Path(_override(args.set, "paths.runs_dir") or root / "runs")
-            storage = args.storage or str(runs.resolve() / "optuna" / f"{name}.log")
-            summary = driver.run_report(name, storage, args.tracking_uri)
+            summary = driver.run_report(name, stored_storage(args, name), args.tracking_uri)
         elif args.slurm_worker:
             return {"ran": array.run_worker(args.study, overrides(args), args.storage, args.tracking_uri)}
         elif args.slurm_array is not None:
@@ -104,19 +128,22 @@ def submit_array(args: argparse.Namespace, console: Console) -> dict | None:
     """--slurm-array K: start the study here, submit the workers; with --wait, also finish and report."""
     from sgexp import slurm  # with the driver (see main): only a submission needs them
     from sgexp.sweeps import array, driver
+    from sgexp.sweeps.progress import ArrayProgress
 
     slurm.require_sbatch()
     session = driver.start(load_study(args.study, overrides(args)), args.storage, args.tracking_uri)
     job_id, script = array.submit(
         session, args.study, overrides(args), args.slurm_array, args.slurm_cpus, args.slurm_args
     )
+    if session.tracker is not None:  # the parent waits for the array, not for this command (tracker.py)
+        session.tracker.set_driver(f"slurm-array:{job_id}")
     console.print(f"submitted SLURM array {job_id} ({args.slurm_array} workers): {script}")
     console.print(f"  storage {session.storage_url}    queue: squeue -j {job_id}")
     if not args.wait:
         report = f"python -m sgexp.sweeps --study {args.study} --storage {session.storage_url} --report"
         console.print(f"  report any time: {report}")
         return None
-    slurm.wait(job_id, args.wait_timeout)
+    slurm.wait(job_id, args.wait_timeout, on_poll=ArrayProgress(console, args.slurm_array, session.study))
     n = driver.counts(session.study)
     if n["done"] < session.cfg.n_trials:
         raise RuntimeError(

@@ -62,7 +62,7 @@ from sgexp.sweeps.storage import (
     release,
     setup_lock,
 )
-from sgexp.sweeps.study import check_resume
+from sgexp.sweeps.study import check_resume, name_objectives
 from sgexp.sweeps.tracker import Tracker
 
 log = logging.getLogger("sgexp.sweeps.driver")
@@ -208,6 +208,7 @@ def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | N
             load_if_exists=True,
         )
         check_resume(study, cfg, evaluator.checkpoint)
+        name_objectives(study, list(cfg.objectives))  # Optuna's plots and optuna-dashboard show these names
         attrs = {
             "config": OmegaConf.to_container(cfg, resolve=True),
             "checkpoint": str(evaluator.checkpoint),
@@ -347,6 +348,7 @@ def finish(session: Session) -> dict:
         "report_dir": report_dir,
         "mlflow_parent_run_id": parent,
         "tracking_uri": session.tracking_uri,
+        "mlflow_experiment_id": session.tracker.experiment_id if session.tracker else None,
         "counts": counts(study),
         "metric": study.user_attrs.get("metric"),
     }

@@ -76,7 +76,7 @@ def reevaluate_pareto(
             f"trial-{trial.number}-final", setting, cfg.final_samples, cfg.seed, None, 0
         )
         if features_dir is not None:
-            _save(features_dir / f"trial-{trial.number}.npy", features)
+            _save(features_dir / f"trial-{trial.number}.npy", features["fid"])
         final = {f"{k}_final": float(row[k]) for k in METRICS if k in row}
         final["num_samples_final"] = int(row["num_samples"])
         study.set_user_attr(key, final)
@@ -97,7 +97,7 @@ def pair_finalists(study: optuna.Study, cfg: DictConfig, evaluator: Evaluator, f
         final = study.user_attrs.get(f"final/{trial.number}")
         path = features_dir / f"trial-{trial.number}.npy"
         if final and final.get("num_samples_final") == cfg.final_samples and path.is_file():
-            features[trial.number] = np.load(path)
+            features[trial.number] = {"fid": np.load(path)}
             rows[trial.number] = {"fid": final["fid_final"], "precision": final.get("precision_final", float("nan"))}
     if len(features) < 1:
         return
@@ -116,6 +116,8 @@ def pair_finalists(study: optuna.Study, cfg: DictConfig, evaluator: Evaluator, f
 def final_view(study: optuna.Study) -> optuna.Study:
     """An in-memory copy of ``study`` whose trials carry their ``*_final`` attributes (same numbers)."""
     view = optuna.create_study(directions=study.directions, study_name=study.study_name)
+    if study.metric_names:
+        view.set_metric_names(study.metric_names)
     finals = {k: v for k, v in study.user_attrs.items() if k.startswith("final/")}
     for key, value in study.user_attrs.items():
         if not key.startswith("final/"):

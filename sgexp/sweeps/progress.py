@@ -1,9 +1,13 @@
 """What the driving process shows: a live table of recent trials and the current Pareto set, then the
-final Pareto table. Worker processes only write log lines."""
+final Pareto table; while ``--slurm-array K --wait`` waits, one line per change of the array's tasks
+(queued, running, finished) or of the study's trials, and at least one per ``period`` (a log file is not
+silent for hours while jobs queue). Worker processes only write log lines."""
 
 from __future__ import annotations
 
 import math
+import time
+from collections import Counter
 from typing import Any
 
 import optuna
@@ -12,9 +16,10 @@ from rich.console import Console, Group
 from rich.live import Live
 from rich.table import Table
 
+from sgexp import tracking
 from sgexp.diffusion.guidance import RULES
 from sgexp.sweeps.report import pareto_trials
-from sgexp.sweeps.storage import is_counted_fail
+from sgexp.sweeps.storage import counts, is_counted_fail
 
 
 def label(attrs: dict[str, Any]) -> str:
@@ -74,6 +79,33 @@ class LiveProgress:
         self.live.update(render(study), refresh=True)
 
 
+class ArrayProgress:
+    """``slurm.wait(job, timeout, on_poll=ArrayProgress(console, tasks, study))``: prints ``line`` when it
+    changes, or after ``period`` seconds without a change."""
+
+    def __init__(self, console: Console, tasks: int, study: optuna.Study, period: float = 60.0):
+        self.console, self.tasks, self.study, self.period = console, tasks, study, period
+        self.last, self.printed = "", -math.inf
+
+    def line(self, states: list[str]) -> str:
+        """``states``: squeue's state of each array task still in the queue (``slurm.active``)."""
+        by = Counter(states)
+        queued = by.pop("PENDING", 0) + by.pop("CONFIGURING", 0)
+        running = by.pop("RUNNING", 0) + by.pop("COMPLETING", 0)
+        other = "".join(f", {n} {state.lower()}" for state, n in sorted(by.items()))
+        finished = max(0, self.tasks - len(states))
+        n = counts(self.study)
+        budget = self.study.user_attrs.get("config", {}).get("n_trials", "?")
+        tasks = f"{queued} queued, {running} running, {finished} finished{other} of {self.tasks} tasks"
+        return f"{self.study.study_name}: {tasks}; trials {n['done']}/{budget} done, {n['running']} running"
+
+    def __call__(self, states: list[str]) -> None:
+        line, now = self.line(states), time.monotonic()
+        if line != self.last or now - self.printed >= self.period:
+            self.console.print(f"{time.strftime('%H:%M:%S')} {line}", highlight=False)
+            self.last, self.printed = line, now
+
+
 def print_summary(summary: dict, console: Console | None = None) -> None:
     """The Pareto table (screening and final FID, cost) and where the report and the MLflow run are."""
     console = console or Console()
@@ -92,5 +124,10 @@ def print_summary(summary: dict, console: Console | None = None) -> None:
     n = summary["counts"]
     console.print(f"trials: {n['complete']} complete, {n['done'] - n['complete']} failed; storage {summary['storage']}")
     console.print(f"report: {summary['report_dir']}")
-    if summary.get("mlflow_parent_run_id"):
-        console.print(f"MLflow parent run: {summary['mlflow_parent_run_id']} ({summary['tracking_uri']})")
+    run_id = summary.get("mlflow_parent_run_id")
+    if run_id:
+        console.print(f"MLflow parent run: {run_id} ({summary['tracking_uri']})")
+        experiment = summary.get("mlflow_experiment_id")
+        url = experiment and tracking.ui_url(summary["tracking_uri"], experiment)
+        if url:  # the runs table, where the trials are the parent's nested runs
+            console.print(f"  runs table: {url}")

@@ -73,10 +73,16 @@ def _dominates(a: Sequence[float], b: Sequence[float]) -> bool:
 def pareto_trials(study: optuna.Study) -> list[FrozenTrial]:
     """Non-dominated COMPLETE trials on (FID, GFLOPs/sample), sorted by GFLOPs (then FID, number).
 
-    Trials with identical values are all kept, as in ``study.best_trials``.
+    Optuna's own front, ``study.best_trials`` (what optuna-dashboard and ``plot_pareto_front`` show), over
+    trials with two finite values; trials with identical values are all kept. The driver never records a
+    non-finite value (such a trial FAILs); a study written otherwise that has one gets the front of its
+    finite trials computed here, since ``best_trials`` would let a ``-inf`` FID dominate finite points.
     """
     trials = _complete(study)
-    front = [t for t in trials if not any(_dominates(o.values, t.values) for o in trials)]
+    if len(trials) == len(study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))):
+        front = study.best_trials
+    else:
+        front = [t for t in trials if not any(_dominates(o.values, t.values) for o in trials)]
     return sorted(front, key=lambda t: (t.values[1], t.values[0], t.number))
 
 

@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import itertools
 import math
+import warnings
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -277,6 +278,31 @@ def _check_grid(cfg: DictConfig) -> None:
     points = math.prod(len(v) for v in FamilySpace.from_config(name, cfg.space[name]).grid().values())
     if cfg.n_trials > points + len(cfg.baselines):
         raise fail("n_trials", cfg.n_trials, f"exceeds the grid's {points} points + {len(cfg.baselines)} baselines")
+
+
+# --------------------------------------------------------------------------- Optuna's own tools
+
+
+def name_objectives(study: optuna.Study, objectives: Sequence[str] | None = None) -> list[str]:
+    """Give the study's values their names (``study.set_metric_names``): Optuna's plots and optuna-dashboard
+    then label the axes "fid" and "gflops_per_sample" instead of "Objective 0/1".
+
+    ``objectives`` default to the study's stored config (``objectives``), else ``("fid",
+    "gflops_per_sample")``. Written only when they differ from the stored names (every worker and resume
+    calls this); returns the names."""
+    if objectives is None:
+        config = study.user_attrs.get("config")
+        objectives = (config or {}).get("objectives") if isinstance(config, dict) else None
+    names = [str(o) for o in (objectives or OBJECTIVES[:2])]
+    if len(names) != len(study.directions):
+        raise fail("objectives", names, f"study {study.study_name!r} has {len(study.directions)} objectives")
+    if study.metric_names != names:
+        from optuna.exceptions import ExperimentalWarning  # optuna itself only under TYPE_CHECKING here
+
+        with warnings.catch_warnings():  # "experimental" since Optuna 3.2, and what optuna-dashboard reads
+            warnings.simplefilter("ignore", category=ExperimentalWarning)
+            study.set_metric_names(names)
+    return names
 
 
 # --------------------------------------------------------------------------- resuming

@@ -1,7 +1,16 @@
 """Where a study records in MLflow: ``Tracker``, the study's parent run and one child run per trial.
 
 The parent run is created once; its id lives in the study attribute ``mlflow_parent_run_id``, so every
-worker and every resume reuses it. Each trial gets a nested child run (tag ``mlflow.parentRunId``;
+worker and every resume reuses it. It is named ``sweep <study> @ <storage>`` (``parent_run_name``: the
+journal's folder and file, or the database, and a short hash of the full storage URL), so two sweeps of
+one study on different storages are told apart in the runs table; the full URL is the tag ``sgexp.storage``.
+
+A killed sweep cannot end its parent run. Each command that opens a parent tags it with its host and process
+(``sgexp.driver``); the next command on the same study name in the same experiment ends every other RUNNING
+parent of that study whose driver process is gone from this host as KILLED (``close_dead_parents``), and
+reuses its own (a resume sets it RUNNING, the end FINISHED). A parent whose driver ran on another host, or
+that waits for a SLURM array (``sgexp.driver = slurm-array:<job>``), is left as it is: nothing here can tell
+whether it still runs. Each trial gets a nested child run (tag ``mlflow.parentRunId``;
 params = the setting; metrics; the sample grid). Tracking errors in child runs are logged and do not fail
 a trial: a lost log line is cheaper than a lost evaluation. (What a worker loads once, the model,
 extractor and reference statistics, is ``sgexp.eval.evaluator.Evaluator``.)
@@ -9,7 +18,10 @@ extractor and reference statistics, is ``sgexp.eval.evaluator.Evaluator``.)
 
 from __future__ import annotations
 
+import hashlib
 import logging
+import os
+import socket
 import time
 from pathlib import Path
 
@@ -41,17 +53,25 @@ class Tracker:
 
     @classmethod
     def open_parent(cls, study: optuna.Study, cfg: DictConfig, tracking_uri: str, extra: dict) -> Tracker:
-        """The study's parent run, created the first time; logs the config (+ ``extra``) idempotently."""
+        """The study's parent run, created the first time; logs the config (+ ``extra``) idempotently.
+
+        ``extra["storage"]`` names the run (``parent_run_name``); parents of this study left RUNNING by
+        killed commands are closed (``close_dead_parents``)."""
         client = MlflowClient(tracking_uri=tracking_uri)
         run_id = study.user_attrs.get("mlflow_parent_run_id")
+        storage = str(extra.get("storage", ""))
+        name = parent_run_name(study.study_name, storage)
         if run_id is None:
             location = tracking.artifact_root_for(tracking_uri, None)
             experiment = tracking.ensure_experiment(client, cfg.logger.experiment, location, tracking_uri)
             tags = {"sgexp.kind": "sweep", "sgexp.study": study.study_name, "sgexp.checkpoint": extra["checkpoint"]}
-            run_id = client.create_run(experiment, run_name=study.study_name, tags=resolve_tags(tags)).info.run_id
+            run_id = client.create_run(experiment, run_name=name, tags=resolve_tags(tags)).info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
         tracker = cls(tracking_uri, run_id, study.study_name)
-        client.update_run(run_id, status="RUNNING")
+        close_dead_parents(client, tracker.experiment_id, study.study_name, keep=run_id)
+        client.update_run(run_id, status="RUNNING", name=name)  # a parent made before runs were named so
+        client.set_tag(run_id, "sgexp.storage", _shown_url(storage))
+        tracker.set_driver(f"{socket.gethostname()}:{os.getpid()}")
         config = {**OmegaConf.to_container(cfg, resolve=True), "sweep": extra}
         run_record.log_run_context(client, run_id, config=config, root=Path(cfg.paths.root))
         return tracker
@@ -110,3 +130,82 @@ class Tracker:
 
     def end_parent(self, status: str = "FINISHED") -> None:
         self.client.set_terminated(self.parent, status)
+
+    def set_driver(self, driver: str) -> None:
+        """Who keeps the parent RUNNING: ``host:pid`` of a command, or ``slurm-array:<job id>``."""
+        self.client.set_tag(self.parent, DRIVER_TAG, driver)
+
+
+DRIVER_TAG = "sgexp.driver"
+
+
+def _shown_url(storage: str) -> str:
+    """The storage URL without a database password (a journal path as it is)."""
+    if "://" not in storage:
+        return storage
+    from sqlalchemy.engine import make_url  # optuna's RDB storage depends on it
+
+    try:
+        return make_url(storage).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy parses: show only its scheme
+        return storage.split("://", 1)[0] + "://..."
+
+
+def parent_run_name(study_name: str, storage: str) -> str:
+    """``sweep <study> @ <where> (<hash>)``: ``<where>`` is a journal's folder/file or an RDB URL's
+    database (with its host), ``<hash>`` the first 6 hex digits of SHA-1 of the full storage URL, which
+    tells apart storages whose short forms agree (two ``runs/optuna/x.log`` of two checkouts)."""
+    if not storage:
+        return f"sweep {study_name}"
+    if "://" in storage:
+        from sqlalchemy.engine import make_url
+
+        try:
+            url = make_url(storage)
+            host = f"{url.host}:{url.port}/" if url.host and url.port else (f"{url.host}/" if url.host else "")
+            where = f"{url.get_backend_name()}:{host}{Path(url.database or '').name}"
+        except Exception:  # not a URL sqlalchemy parses
+            where = _shown_url(storage)
+    else:
+        path = Path(storage).expanduser().resolve()
+        where = f"{path.parent.name}/{path.name}"
+    digest = hashlib.sha1(storage.encode()).hexdigest()[:6]
+    return f"sweep {study_name} @ {where} ({digest})"
+
+
+def _driver_gone(driver: str | None) -> bool:
+    """True when ``host:pid`` names a process of this host that no longer exists."""
+    host, _, pid = (driver or "").rpartition(":")
+    if host != socket.gethostname() or not pid.isdigit():
+        return False  # another host, a SLURM array, or a parent made before drivers were tagged
+    try:
+        os.kill(int(pid), 0)
+    except ProcessLookupError:
+        return True
+    except PermissionError:  # alive, another user's
+        return False
+    return False
+
+
+def close_dead_parents(client: MlflowClient, experiment_id: str, study_name: str, keep: str) -> list[str]:
+    """End as KILLED every RUNNING parent run of ``study_name`` (other than ``keep``) whose driver process
+    is gone from this host; returns their run ids. ``keep``, if it was left RUNNING by a killed command,
+    is reused (logged)."""
+    if "'" in study_name:  # not expressible in MLflow's filter syntax; such a study keeps its old parents
+        return []
+    query = f"tags.`sgexp.kind` = 'sweep' and tags.`sgexp.study` = '{study_name}' and attributes.status = 'RUNNING'"
+    closed = []
+    for run in client.search_runs([experiment_id], query, max_results=1000):
+        driver = run.data.tags.get(DRIVER_TAG)
+        if not _driver_gone(driver):
+            continue
+        if run.info.run_id == keep:
+            log.info("parent run %s was left RUNNING by a killed command (%s): reused", keep, driver)
+            continue
+        client.set_tag(
+            run.info.run_id, "sgexp.closed_by", f"{socket.gethostname()}:{os.getpid()}: driver {driver} gone"
+        )
+        client.set_terminated(run.info.run_id, "KILLED")
+        log.warning("parent run %s of study %s (driver %s gone) ended as KILLED", run.info.run_id, study_name, driver)
+        closed.append(run.info.run_id)
+    return closed
