@@ -6,7 +6,7 @@ VENV   ?= .venv
 PY     := $(VENV)/bin/python
 STAMP  := $(VENV)/.sgexp-installed
 
-.PHONY: install train train-slurm slurm-up slurm-down eval sweep reproduce ui test test-slow lint flops clean prepare-latents
+.PHONY: install train train-slurm slurm-up slurm-down test-slurm eval sweep dashboard reproduce ui test test-slow lint flops clean prepare-latents
 
 # make train [EXP=mnist_dense] [resume=RUN_DIR_OR_CKPT] [ARGS="trainer.max_steps=500 ..."]
 EXP    ?= mnist_tread
@@ -30,11 +30,20 @@ GPUS  ?= 8
 train-slurm: $(STAMP)
 	$(PY) -m sgexp.train $(TRAIN_ARGS) launcher=slurm launcher.nodes=$(NODES) launcher.gpus_per_node=$(GPUS)
 
-# A real single-node SLURM cluster on this machine (root; Debian packages; what the `slurm` tests use).
+# Real SLURM clusters on this machine (root; Debian packages): a single node (scripts/slurm/local_slurm.sh,
+# the default /etc/slurm config) and two nodes (scripts/slurm/two_node_slurm.sh, its own config: run
+# `source /tmp/sgexp-2node/env.sh` to submit to it, e.g. make train-slurm NODES=2 GPUS=0).
 slurm-up:
 	scripts/slurm/local_slurm.sh start
+	scripts/slurm/two_node_slurm.sh start
 slurm-down:
+	scripts/slurm/two_node_slurm.sh stop
 	scripts/slurm/local_slurm.sh stop
+
+# The `slurm` tests: starts both clusters, runs pytest -m slurm with SGEXP_REQUIRE_SLURM=1, stops the clusters
+# (also when a test fails). make test-slurm [ARGS="-k two_node"]
+test-slurm: $(STAMP)
+	PY=$(PY) scripts/slurm/test_slurm.sh $(ARGS)
 
 # SD-VAE latents of a prepared image dataset (resumable: run it again after an interruption):
 # make prepare-latents [IMAGES=data/shards/imagenet256] [VAE=models/sd-vae-ft-ema] [ARGS="--workers 8 --batch-size 128"]
@@ -62,8 +71,14 @@ reproduce: $(STAMP)
 # MLflow UI on the default local store: runs/mlflow.db, artifacts in runs/mlartifacts.
 # One worker and no job runner (~0.5 GB, 2 processes; the default starts ~15 processes, ~3 GB).
 UI_PORT ?= 5000
+# make dashboard [STUDY=sparsity_pareto] [STORAGE=runs/optuna/<study>.log | sqlite:///...] [DASH_PORT=8080]
+DASH_PORT ?= 8080
+dashboard: $(STAMP)
+	$(PY) -m sgexp.sweeps dashboard --study $(STUDY) $(if $(STORAGE),--storage $(STORAGE)) --port $(DASH_PORT)
+
 ui: $(STAMP)
 	mkdir -p runs
+	@echo "runs view: http://127.0.0.1:$(UI_PORT)/#/experiments?workflowType=machine_learning (or click 'Model training' at the top left once)"
 	MLFLOW_SERVER_ENABLE_JOB_EXECUTION=false $(PY) -m mlflow ui --host 127.0.0.1 --port $(UI_PORT) --workers 1 \
 		--backend-store-uri sqlite:///$(CURDIR)/runs/mlflow.db --artifacts-destination $(CURDIR)/runs/mlartifacts
 

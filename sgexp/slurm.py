@@ -11,7 +11,8 @@ What a job gets (``SbatchSpec``): nodes × tasks per node (one task per GPU, or 
 ``gpus_per_node=0``: Lightning wants ``--ntasks-per-node`` = ``trainer.devices``), CPUs per task, memory,
 time, partition/account/qos, ``--signal=USR1@<seconds>`` before the time limit (checkpoint + requeue),
 ``--requeue`` and ``--open-mode=append`` (the requeued job appends to the same log), an optional array,
-extra ``#SBATCH`` lines and shell setup lines (``module load ...``).
+extra ``#SBATCH`` lines and shell setup lines (``module load ...``). The script sets ``MASTER_ADDR`` (first
+node) and ``MASTER_PORT`` (from the job id) for all tasks; NCCL's settings are the cluster's (``setup``).
 """
 
 from __future__ import annotations
@@ -100,9 +101,20 @@ def render(
     """The batch script: header, environment, setup lines, then ``srun COMMAND`` (one task per device).
 
     ``srun`` starts nodes × tasks_per_node copies of the command; Lightning's ``SLURMEnvironment`` reads
-    the rank, world size and master address (the first node of ``SLURM_NODELIST``) from their environment.
+    the rank and world size from their environment and the rendezvous from ``MASTER_ADDR``/``MASTER_PORT``,
+    set here once for all tasks: the first node of the allocation and a port derived from the job id (the
+    same on every requeue of the job; below the kernel's ephemeral range). ``setup`` lines (``module load``,
+    ``conda activate``, ``export NCCL_...``) come after them, so they can override them.
     """
     quoted = " ".join(shlex.quote(str(c)) for c in command)
+    rendezvous = [
+        'export MASTER_ADDR="$(scontrol show hostnames "$SLURM_JOB_NODELIST" | head -n 1)"  # the first node',
+        "export MASTER_PORT=$((10000 + SLURM_JOB_ID % 20000))",
+        'echo "sgexp: rendezvous ${MASTER_ADDR}:${MASTER_PORT}"',
+        "# NCCL (GPU jobs) is left to the cluster: set what your site documents in launcher.setup, e.g.",
+        "#   export NCCL_SOCKET_IFNAME=ib0 NCCL_IB_HCA=mlx5   (which interfaces carry the traffic)",
+        "#   export NCCL_DEBUG=WARN                           (INFO to see the rings/trees it builds)",
+    ]
     body = [
         "#!/bin/bash",
         f"# written by sgexp ({time.strftime('%Y-%m-%d %H:%M:%S')}); resubmit with: sbatch <this file>",
@@ -111,6 +123,7 @@ def render(
         f"cd {shlex.quote(str(workdir))}",
         "export PYTHONUNBUFFERED=1",
         "export OMP_NUM_THREADS=${SLURM_CPUS_PER_TASK:-1}  # torch's threads per task",
+        *(rendezvous if srun else []),
         'echo "sgexp: job ${SLURM_JOB_ID} on ${SLURM_JOB_NODELIST}, restart ${SLURM_RESTART_COUNT:-0}, $(date)"',
         *setup,
         f"srun --kill-on-bad-exit=1 {quoted}" if srun else quoted,
@@ -138,7 +151,7 @@ def submit(script: Path) -> str:
 
 def active(job_id: str) -> list[str]:
     """States of the job's (or array's) pending/running parts, [] once all have left the queue."""
-    done = subprocess.run(["squeue", "-h", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False)
+    done = subprocess.run(["squeue", "-h", "-r", "-j", job_id, "-o", "%T"], capture_output=True, text=True, check=False)
     if done.returncode != 0:  # squeue forgets finished jobs: "Invalid job id specified"
         return []
     return done.stdout.split()

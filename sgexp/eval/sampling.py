@@ -179,7 +179,12 @@ def gather(scored: Scored) -> Scored:
     parts: list[Scored | None] = [None] * world
     dist.all_gather_object(parts, scored)
     order = np.argsort(np.concatenate([p.indices for p in parts]), kind="stable")
-    cat = lambda key: np.concatenate([getattr(p, key) for p in parts])[order]  # noqa: E731
+
+    def cat(key: str) -> np.ndarray:
+        rows = np.concatenate([getattr(p, key) for p in parts])
+        # without an extractor (grids and timings only) features are (0, d) on every rank: nothing to order
+        return rows[order] if len(rows) == len(order) else rows
+
     grids = [(p.indices[: len(p.grid)], p.grid) for p in parts if p.grid is not None]
     grid = None
     if grids:
