@@ -93,9 +93,13 @@ def test_evaluate_scores_each_setting(trained):
     client = MlflowClient(f"sqlite:///{tmp / 'mlflow.db'}")
     run = client.get_run(results["mlflow_run_id"])
     assert run.data.tags["mlflow.parentRunId"] == result.mlflow_run_id  # nested under the training run
-    assert run.data.metrics["sg/fid"] == pytest.approx(rows["sg"]["fid"])
-    assert run.data.metrics["sg/fid_ci_low"] == pytest.approx(rows["sg"]["fid_ci"][0])
-    assert run.data.metrics["sg/fid_ci_high"] == pytest.approx(rows["sg"]["fid_ci"][1])
+    assert run.data.metrics["eval/sg/fid"] == pytest.approx(rows["sg"]["fid"])
+    assert run.data.metrics["eval/sg/fid_ci_low"] == pytest.approx(rows["sg"]["fid_ci"][0])
+    assert run.data.metrics["eval/sg/fid_ci_high"] == pytest.approx(rows["sg"]["fid_ci"][1])
+    # the training run logged the same keys for its own end-of-training evaluation (one vocabulary)
+    assert "eval/sg/fid" in client.get_run(result.mlflow_run_id).data.metrics
+    [pair] = [p for p in results["paired"] if (p["a"], p["b"], p["metric"]) == ("cfg", "sg", "fid")]
+    assert run.data.metrics["eval/paired/cfg-sg/fid_diff"] == pytest.approx(pair["diff"])
 
 
 def test_results_do_not_depend_on_the_batch_size(trained):
