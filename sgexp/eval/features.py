@@ -12,7 +12,7 @@ inputs (``CleanFIDAdapter``) and the two FIDs can be compared exactly:
 
 ``identity`` names the weights (a SHA-256 of the file) and the pipeline: reference
 statistics computed with other weights or another resize are not reused (see
-``metrics.reference_stats``, whose cache file is also named after the extractor).
+``reference_cache.reference_stats``, whose cache file is also named after the extractor).
 
 ``inception_tf`` is ADM's evaluator (``sgexp.eval.adm_inception``): pool3 features for
 FID, spatial features (``spatial_dim`` > 0) for sFID, and the Inception Score's logits

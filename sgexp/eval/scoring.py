@@ -15,8 +15,9 @@ from sgexp.data import read_meta
 from sgexp.data.latent_format import image_dataset_dir
 from sgexp.eval.classifier import CHECKPOINT
 from sgexp.eval.features import ALIASES, EXTRACTORS, FeatureExtractor, build_extractor
-from sgexp.eval.metrics import ReferenceStats, reference_stats
+from sgexp.eval.metrics import ReferenceStats
 from sgexp.eval.reference_batch import load_reference_batch
+from sgexp.eval.reference_cache import reference_stats
 from sgexp.vae import LatentVAE, vae_for_dataset
 
 log = logging.getLogger(__name__)
