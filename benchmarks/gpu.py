@@ -1,7 +1,7 @@
-"""GPU benchmark: SiT-B/2 and SiT-XL/2 training and sampling throughput in bf16 (one GPU, ~4-5 min).
+"""GPU benchmark: SiT-B/2 and SiT-XL/2 training and sampling throughput in bf16, eager and compiled (one GPU, ~8 min).
 
-Sized for one H100/H200 and a hard limit of 8 minutes; a time budget
-(``--budget-s``, default 270 s of measurement) skips what would not fit, and every
+Sized for one H100/H200 and a hard limit of 10 minutes; a time budget
+(``--budget-s``, default 480 s of measurement) skips what would not fit, and every
 measurement fails soft (an OOM or a kernel error is recorded, the rest goes on).
 The JSON is rewritten after every measurement, so a killed run keeps what it had.
 
@@ -14,12 +14,15 @@ The JSON is rewritten after every measurement, so a killed run keeps what it had
    SG(0.5, 0.9) with and without prefix sharing, CFG+SG(0, 0.5), at batch 64 and
    256; images/s per step and the realised fraction of the analytic saving vs CFG.
 3. Router: select + gather + scatter (+ backward) alone, as a share of the routed step.
-4. Optional, if the budget allows: the training comparison under ``torch.compile``.
+4. Compiled (``DiT.compile_core``, as ``trainer.compile`` trains): SiT-XL/2 training at batch 32 and the
+   CFG (both branches in one batched call) and SG (shared prefix) steps at batch 64, right after their
+   eager rows; the time of each graph's first call (compilation + one step) is recorded apart.
 
 Compared variants are interleaved (A B B A ...), timed with CUDA events.
 
     PYTHONPATH=. python -m benchmarks.gpu                # on the GPU machine (or: bash benchmarks/gpu.sh)
     PYTHONPATH=. python -m benchmarks.gpu --smoke        # tiny sizes, any device: checks the script runs
+    (--smoke on a CPU compiles with aot_eager: the compiled rows' graphs, checked in seconds)
 """
 
 from __future__ import annotations
@@ -46,32 +49,19 @@ from benchmarks.workloads import (
     train_macs,
     train_step,
 )
-from sgexp.flops import pass_macs
+from sgexp.flops import pass_macs, peak_flops
 from sgexp.models.routing import kept_tokens
 
-# Dense bf16 tensor-core peaks (no sparsity), FLOP/s. H100 SXM and H200 share the same compute.
-PEAKS = (
-    ("H100 PCIe", 756e12),
-    ("H100", 989e12),
-    ("H200", 989e12),
-    ("GH200", 989e12),
-    ("H800", 989e12),
-    ("B200", 2250e12),
-    ("A100", 312e12),
-    ("L40S", 362e12),
-)
 
-
-def peak_flops(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
+def peak_for(device: torch.device, override_tflops: float | None) -> tuple[float, str]:
+    """The peak for MFU (``sgexp.flops.peak_flops``: by GPU name, or ``$SGEXP_PEAK_TFLOPS``) and how it was found."""
     if override_tflops:
         return override_tflops * 1e12, f"{override_tflops:g} TFLOP/s (--peak-tflops)"
-    if device.type != "cuda":
-        return float("nan"), "none (not a GPU: MFU not computed)"
-    name = torch.cuda.get_device_name(device)
-    for key, peak in PEAKS:
-        if all(part in name for part in key.split()):
-            return peak, f"{peak / 1e12:g} TFLOP/s dense bf16 ({key}, matched '{name}')"
-    return float("nan"), f"unknown for '{name}': pass --peak-tflops"
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else None
+    peak = peak_flops(name)
+    if peak is None:
+        return float("nan"), f"unknown for '{name}': pass --peak-tflops" if name else "none (not a GPU: no MFU)"
+    return peak, f"{peak / 1e12:g} TFLOP/s dense bf16 (matched '{name}')" if name else f"{peak / 1e12:g} TFLOP/s"
 
 
 class Run:
@@ -80,8 +70,8 @@ class Run:
     def __init__(self, args, device: torch.device):
         self.args, self.device = args, device
         self.start = time.perf_counter()
-        self.peak, self.peak_note = peak_flops(device, args.peak_tflops)
-        self.results: dict[str, list] = {"train": [], "sampling": [], "router": [], "compile": []}
+        self.peak, self.peak_note = peak_for(device, args.peak_tflops)
+        self.results: dict[str, list] = {"train": [], "sampling": [], "router": []}
         self.skipped: list[str] = []
         self.errors: list[dict] = []
 
@@ -131,24 +121,18 @@ def mfu(run: Run, flops_per_image: float, images_per_s: float) -> float:
     return flops_per_image * images_per_s / run.peak
 
 
-def pct(value: float) -> str:
-    return "n/a" if value != value else f"{value:.1%}"  # NaN: no known peak (e.g. the CPU smoke run)
-
-
 def train_rows(run: Run, workload: Workload, batch: int, compiled: bool = False) -> list[dict]:
     args, device = run.args, run.device
     model = build(workload, 0.5, device)
     x0, labels = inputs(workload, batch, device)
-    warmup = args.warmup
-    if compiled:
-        # Shapes never change here; without this, the switch between the dense and the routed
-        # graph makes dynamo recompile both with dynamic shapes during the timed rounds.
-        torch._dynamo.config.automatic_dynamic_shapes = False
-        warmup = max(warmup, 3)
-    step_model = torch.compile(model) if compiled else model
-    dense = train_step(step_model, x0, labels, False, torch.bfloat16)
-    routed = train_step(step_model, x0, labels, True, torch.bfloat16)
-    stats = timing.time_interleaved({"dense": dense, "routed": routed}, args.repeats, warmup, device=device)
+    compile_model(run, model, compiled)
+    dense = train_step(model, x0, labels, False, torch.bfloat16)
+    routed = train_step(model, x0, labels, True, torch.bfloat16)
+    # The first call of each graph compiles it: timed apart, once (compile + one step).
+    compile_s = (
+        {k: timing.time_call(f, device) for k, f in (("dense", dense), ("routed", routed))} if compiled else None
+    )
+    stats = timing.time_interleaved({"dense": dense, "routed": routed}, args.repeats, args.warmup, device=device)
     config = workload.config(0.5)
     ratio = timing.paired_ratio(stats["routed"], stats["dense"])
     analytic = train_macs(config, 0.5) / train_macs(config, 0.0)
@@ -157,6 +141,7 @@ def train_rows(run: Run, workload: Workload, batch: int, compiled: bool = False)
         "label": workload.label(),
         "batch": batch,
         "compiled": compiled,
+        "first_call_s": compile_s,
         "speedup_measured": 1.0 / ratio.median,
         "speedup_analytic": 1.0 / analytic,
         "speedup_analytic_linear_only": pass_macs(config, 0.0) / pass_macs(config, 0.5),
@@ -175,20 +160,31 @@ def train_rows(run: Run, workload: Workload, batch: int, compiled: bool = False)
     if device.type == "cuda":
         row["max_memory_gib"] = torch.cuda.max_memory_allocated(device) / 2**30
         torch.cuda.reset_peak_memory_stats(device)
-    del model, step_model, dense, routed
+    del model, dense, routed
     return [row]
 
 
-def sampling_rows(run: Run, workload: Workload, batch: int) -> list[dict]:
+def compile_model(run: Run, model, compiled: bool) -> bool:
+    """``DiT.compile_core`` as training uses it (``--compile-backend``, ``--compile-mode``), if ``compiled``."""
+    if compiled:
+        model.compile_core(backend=run.args.compile_backend, mode=run.args.compile_mode)
+    return compiled
+
+
+def sampling_rows(run: Run, workload: Workload, batch: int, compiled: bool = False) -> list[dict]:
     args, device = run.args, run.device
     model = build(workload, 0.5, device)
+    compile_model(run, model, compiled)
     x, labels = inputs(workload, batch, device)
-    variants = {name: sampling_step(rule, model, x, labels, torch.bfloat16) for name, rule in SAMPLING_RULES.items()}
+    # Compiled: CFG (both branches batched into one call) against SG (shared prefix), one graph each.
+    rules = {k: SAMPLING_RULES[k] for k in ("cfg", "sg")} if compiled else SAMPLING_RULES
+    variants = {name: sampling_step(rule, model, x, labels, torch.bfloat16) for name, rule in rules.items()}
+    compile_s = {name: timing.time_call(step, device) for name, step in variants.items()} if compiled else None
     stats = timing.time_interleaved(variants, args.repeats, args.warmup, device=device)
     config = workload.config()
     cfg_macs = rule_macs(config, SAMPLING_RULES["cfg"])
     rows = []
-    for name, rule in SAMPLING_RULES.items():
+    for name, rule in rules.items():
         ratio = timing.paired_ratio(stats[name], stats["cfg"])
         macs = rule_macs(config, rule)
         rate = stats[name].inverse(batch)
@@ -197,6 +193,8 @@ def sampling_rows(run: Run, workload: Workload, batch: int) -> list[dict]:
                 "model": workload.name,
                 "label": workload.label(),
                 "batch": batch,
+                "compiled": compiled,
+                "first_call_s": compile_s[name] if compile_s else None,
                 "rule": name,
                 "formula": str(rule),
                 "step_s": stats[name].to_dict(),
@@ -210,7 +208,7 @@ def sampling_rows(run: Run, workload: Workload, batch: int) -> list[dict]:
                 else timing.realised_fraction(ratio.median, macs / cfg_macs),
             }
         )
-    gain = prefix_sharing_gain(stats, config, SAMPLING_RULES)
+    gain = prefix_sharing_gain(stats, config, rules)
     for row in rows:
         if row["rule"] == "sg":
             row["prefix_sharing"] = gain
@@ -255,7 +253,7 @@ def router_rows(run: Run, workload: Workload, batch: int) -> list[dict]:
 
 def print_tables(run: Run) -> None:
     r = run.results
-    if r["train"] or r["compile"]:
+    if r["train"]:
         timing.print_table(
             "Training fwd+bwd, bf16 autocast: dense vs routed γ=0.5",
             ["model", "batch", "compiled", "dense img/s", "routed img/s", "speedup", "analytic", "realised", "MFU d/r"],
@@ -269,20 +267,33 @@ def print_tables(run: Run) -> None:
                     f"{t['speedup_measured']:.3f}×",
                     f"{t['speedup_analytic']:.3f}×",
                     f"{t['saving_realised_fraction']:.1%}",
-                    f"{pct(t['dense']['mfu'])} / {pct(t['routed']['mfu'])}",
+                    f"{timing.fmt_pct(t['dense']['mfu'])} / {timing.fmt_pct(t['routed']['mfu'])}",
                 )
-                for t in r["train"] + r["compile"]
+                for t in r["train"]
             ],
             caption=f"MFU: model FLOPs incl. attention / peak {run.peak_note}",
         )
     if r["sampling"]:
         timing.print_table(
             "Sampling step per rule, bf16 autocast",
-            ["model", "batch", "rule", "GFLOPs/img", "ms/step", "img/s", "t/t_CFG", "F/F_CFG", "realised", "MFU"],
+            [
+                "model",
+                "batch",
+                "compiled",
+                "rule",
+                "GFLOPs/img",
+                "ms/step",
+                "img/s",
+                "t/t_CFG",
+                "F/F_CFG",
+                "realised",
+                "MFU",
+            ],
             [
                 (
                     s["label"],
                     s["batch"],
+                    s["compiled"],
                     s["rule"],
                     f"{s['gflops_per_image_step']:.4g}",
                     timing.fmt_ms(timing.Stats(tuple(s["step_s"]["samples"]))),
@@ -290,7 +301,7 @@ def print_tables(run: Run) -> None:
                     f"{s['time_ratio_to_cfg']['median']:.3f}",
                     f"{s['flops_ratio_to_cfg']:.3f}",
                     "" if s["saving_realised_fraction"] is None else f"{s['saving_realised_fraction']:.1%}",
-                    pct(s["mfu"]),
+                    timing.fmt_pct(s["mfu"]),
                 )
                 for s in r["sampling"]
             ],
@@ -324,17 +335,25 @@ def main(argv: list[str] | None = None) -> dict:
     ap.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     ap.add_argument("--repeats", type=int, default=None, help="interleaved rounds (default 10; smoke 2)")
     ap.add_argument("--warmup", type=int, default=None, help="warm-up calls per variant (default 3; smoke 1)")
-    ap.add_argument("--budget-s", type=float, default=270.0, help="start no measurement that would end after this")
+    ap.add_argument("--budget-s", type=float, default=480.0, help="start no measurement that would end after this")
     ap.add_argument(
-        "--hard-limit-s", type=int, default=420, help="abort the running measurement at this point (SIGALRM)"
+        "--hard-limit-s", type=int, default=560, help="abort the running measurement at this point (SIGALRM)"
     )
-    ap.add_argument("--no-compile", action="store_true", help="skip the torch.compile section")
+    ap.add_argument("--no-compile", action="store_true", help="skip the compiled variants")
+    ap.add_argument(
+        "--compile-backend",
+        default=None,
+        help="torch.compile backend (default inductor; aot_eager for --smoke on a CPU)",
+    )
+    ap.add_argument("--compile-mode", default="default", help="torch.compile mode, e.g. reduce-overhead (CUDA graphs)")
     ap.add_argument("--peak-tflops", type=float, default=None, help="dense bf16 peak for MFU (default: by GPU name)")
     ap.add_argument("--out", default=None, help="results folder (default: $OUT or benchmarks/results)")
     args = ap.parse_args(argv)
     args.repeats = args.repeats or (1 if args.smoke else 10)
     args.warmup = args.warmup or (1 if args.smoke else 3)
     device = torch.device(args.device)
+    # inductor builds C++ kernels on a CPU for minutes; aot_eager checks the same graphs in seconds
+    args.compile_backend = args.compile_backend or ("aot_eager" if args.smoke and device.type != "cuda" else "inductor")
     if device.type == "cuda":
         torch.backends.cuda.matmul.allow_tf32 = True  # the few fp32 matmuls outside autocast
         torch.backends.cudnn.allow_tf32 = True
@@ -352,31 +371,39 @@ def main(argv: list[str] | None = None) -> dict:
     machine = timing.machine_info(device)
     timing.log(f"device: {machine.get('gpu', machine['cpu_model'])}; torch {torch.__version__}; peak {run.peak_note}")
 
+    measures = {
+        "train": lambda w, b, c: train_rows(run, w, b, compiled=c),
+        "sampling": lambda w, b, c: sampling_rows(run, w, b, compiled=c),
+        "router": lambda w, b, c: router_rows(run, w, b),
+    }
     if args.smoke:
         tiny = parse_workload("SiT-Micro/4@16x4")
-        train_plan = sample_plan = router_plan = [(tiny, 2, 0.0)]
-        compile_plan = []  # compiling on a CPU takes minutes; the path was checked by hand
+        plan = [(section, False, tiny, 2, 0.0) for section in measures]
+        plan += [(section, True, tiny, 2, 0.0) for section in ("train", "sampling")]
     else:
         b2, xl2 = parse_workload("SiT-B/2@32x4"), parse_workload("SiT-XL/2@32x4")
-        # (workload, batch, rough seconds on an H100, checked against the budget before starting)
-        train_plan = [(xl2, 32, 10), (b2, 32, 8), (b2, 256, 12), (xl2, 128, 20)]
-        sample_plan = [(xl2, 64, 15), (b2, 256, 12), (xl2, 256, 30)]
-        router_plan = [(xl2, 32, 8)]
-        # Compilation of fwd+bwd, twice (dense and routed graphs): minutes; only if time is left.
-        compile_plan = [] if args.no_compile else [(b2, 256, 120)]
-
-    sections = (
-        ("train", train_plan, lambda w, b: train_rows(run, w, b)),
-        ("sampling", sample_plan, lambda w, b: sampling_rows(run, w, b)),
-        ("router", router_plan, lambda w, b: router_rows(run, w, b)),
-        ("compile", compile_plan, lambda w, b: train_rows(run, w, b, compiled=True)),
-    )
-    for section, plan, measure in sections:
-        for workload, batch, estimate in plan:
-            if run.fits(f"{section} {workload.name} b{batch}", estimate):
-                run.attempt(
-                    section, f"{workload.label()} batch {batch}", lambda w=workload, b=batch, m=measure: m(w, b)
-                )
+        # (section, compiled, workload, batch, rough seconds on an H200, checked against the budget before
+        # starting). The issue's claims first: SiT-XL/2 training at batch 32 and the SG step at batch 64, eager
+        # and compiled (fwd+bwd dense and routed graphs, the CFG and SG step graphs: minutes of compilation).
+        plan = [
+            ("train", False, xl2, 32, 10),
+            ("train", True, xl2, 32, 200),
+            ("sampling", False, xl2, 64, 15),
+            ("sampling", True, xl2, 64, 120),
+            ("train", False, b2, 32, 8),
+            ("train", False, b2, 256, 12),
+            ("train", False, xl2, 128, 20),
+            ("sampling", False, b2, 256, 12),
+            ("sampling", False, xl2, 256, 30),
+            ("router", False, xl2, 32, 8),
+            ("train", True, b2, 32, 90),
+        ]
+    if args.no_compile:
+        plan = [p for p in plan if not p[1]]
+    for section, compiled, workload, batch, estimate in plan:
+        what = f"{workload.label()} batch {batch}" + (" compiled" if compiled else "")
+        if run.fits(f"{section} {what}", estimate):
+            run.attempt(section, what, lambda m=measures[section], w=workload, b=batch, c=compiled: m(w, b, c))
     if hasattr(signal, "SIGALRM"):
         signal.alarm(0)
     run.save()

@@ -31,6 +31,7 @@ from benchmarks.workloads import (
     rule_macs,
     sampling_step,
 )
+from sgexp.flops import peak_flops
 
 
 def measure(
@@ -49,6 +50,7 @@ def measure(
     variants = {name: sampling_step(rule, model, x, labels, amp) for name, rule in rules.items()}
     stats = timing.time_interleaved(variants, repeats, warmup, device=device)
     config = workload.config()
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     cfg_macs = rule_macs(config, rules["cfg"]) if "cfg" in rules else float("nan")
     rows = []
     for name, rule in rules.items():
@@ -73,6 +75,7 @@ def measure(
                 "saving_realised_fraction": timing.realised_fraction(ratio.median, macs / cfg_macs)
                 if ratio and name != "cfg"
                 else None,
+                "mfu": batch * 2 * macs / stats[name].median / peak if peak else None,  # 2 FLOPs per MAC
             }
         )
     gain = prefix_sharing_gain(stats, config, rules)
@@ -91,7 +94,18 @@ def table(rows: list[dict], title: str) -> None:
 
     timing.print_table(
         title,
-        ["model", "batch", "rule", "GFLOPs/sample", "ms/step", "ms/sample", "t / t_CFG", "F / F_CFG", "realised"],
+        [
+            "model",
+            "batch",
+            "rule",
+            "GFLOPs/sample",
+            "ms/step",
+            "ms/sample",
+            "t / t_CFG",
+            "F / F_CFG",
+            "realised",
+            "MFU",
+        ],
         [
             (
                 r["label"],
@@ -103,11 +117,12 @@ def table(rows: list[dict], title: str) -> None:
                 ratio(r),
                 f"{r['flops_ratio_to_cfg']:.3f}",
                 realised(r),
+                timing.fmt_pct(r["mfu"]),
             )
             for r in rows
         ],
         caption="one sampling step (all passes of the rule); GFLOPs/sample: DiT convention (linear layers), "
-        "F/F_CFG with attention; realised = (1 − t/t_CFG) / (1 − F/F_CFG)",
+        "F/F_CFG with attention; realised = (1 − t/t_CFG) / (1 − F/F_CFG); MFU: n/a without a known peak",
     )
 
 

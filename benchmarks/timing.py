@@ -255,6 +255,11 @@ def fmt_ms(stats: Stats) -> str:
     return f"{stats.median * 1e3:.1f} [{stats.min * 1e3:.1f}–{stats.max * 1e3:.1f}]"
 
 
+def fmt_pct(value: float | None) -> str:
+    """A share such as MFU; ``n/a`` when unknown (None or NaN: no known peak, e.g. on a CPU)."""
+    return "n/a" if value is None or value != value else f"{value:.1%}"
+
+
 def fmt_range(stats: Stats, digits: int = 2) -> str:
     return f"{stats.median:.{digits}f} [{stats.min:.{digits}f}–{stats.max:.{digits}f}]"
 

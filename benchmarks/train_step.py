@@ -19,7 +19,7 @@ import torch
 
 from benchmarks import timing
 from benchmarks.workloads import AMP, CPU_DEFAULTS, Workload, build, inputs, parse_workload, train_macs, train_step
-from sgexp.flops import pass_macs
+from sgexp.flops import pass_macs, peak_flops, train_flops
 
 
 def measure(
@@ -39,6 +39,7 @@ def measure(
     ratio = timing.paired_ratio(stats["routed"], stats["dense"])
     config = workload.config(gamma)
     analytic = train_macs(config, gamma) / train_macs(config, 0.0)
+    peak = peak_flops(torch.cuda.get_device_name(device) if device.type == "cuda" else None)
     convention = pass_macs(config, gamma) / pass_macs(config, 0.0)  # DiT convention: linear layers only
     return {
         "model": workload.name,
@@ -60,13 +61,27 @@ def measure(
         "saving_realised_fraction": timing.realised_fraction(ratio.median, analytic),
         "train_gflops_per_image_dense": train_macs(config, 0.0) / 1e9,
         "train_gflops_per_image_routed": train_macs(config, gamma) / 1e9,
+        # model FLOP/s (2 per MAC, attention included) / peak: None without a known peak (CPU, unless
+        # $SGEXP_PEAK_TFLOPS is set)
+        "mfu_dense": batch * train_flops(config, 0.0) / stats["dense"].median / peak if peak else None,
+        "mfu_routed": batch * train_flops(config, gamma) / stats["routed"].median / peak if peak else None,
     }
 
 
 def table(rows: list[dict], title: str) -> None:
     timing.print_table(
         title,
-        ["model", "batch", "dense ms", "routed ms", "speedup", "analytic", "measured/analytic", "saving realised"],
+        [
+            "model",
+            "batch",
+            "dense ms",
+            "routed ms",
+            "speedup",
+            "analytic",
+            "measured/analytic",
+            "saving realised",
+            "MFU d/r",
+        ],
         [
             (
                 r["label"],
@@ -77,11 +92,13 @@ def table(rows: list[dict], title: str) -> None:
                 f"{r['speedup_analytic']:.3f}×",
                 f"{r['speedup_realised']:.1%}",
                 f"{r['saving_realised_fraction']:.1%}",
+                f"{timing.fmt_pct(r['mfu_dense'])} / {timing.fmt_pct(r['mfu_routed'])}",
             )
             for r in rows
         ],
         caption="fwd+bwd per step, median [min–max] over interleaved repeats; analytic = FLOPs incl. attention "
-        "(3× forward); saving realised = (1 − t_r/t_d) / (1 − F_r/F_d)",
+        "(3× forward); saving realised = (1 − t_r/t_d) / (1 − F_r/F_d); MFU: n/a without a known peak "
+        "($SGEXP_PEAK_TFLOPS)",
     )
 
 

@@ -72,7 +72,6 @@ class OptimConfig:
     ema_warmup: bool = True  # decay min(ema_decay, (1 + n) / (10 + n)) at update n (sgexp.lit.ema)
     t_mean: float = 0.0  # logit-normal timestep distribution
     t_std: float = 1.0
-    compile: bool = False  # torch.compile the network
 
     def __post_init__(self) -> None:
         if isinstance(self.lr, bool) or not isinstance(self.lr, (int, float)) or not self.lr > 0:
@@ -89,8 +88,15 @@ class OptimConfig:
             raise fail("optim.ema_decay", self.ema_decay, "must be in [0, 1)")
 
     def make_optimizer(self, params: Iterable[torch.nn.Parameter]) -> dict[str, Any]:
-        """AdamW over ``params`` and its per-step schedule, as Lightning's ``configure_optimizers`` returns them."""
-        optimizer = torch.optim.AdamW(params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay)
+        """AdamW over ``params`` and its per-step schedule, as Lightning's ``configure_optimizers`` returns them.
+
+        On CUDA the fused kernel (one launch for all tensors) unless gradients are clipped: Lightning's
+        mixed-precision plugin refuses to clip for an optimizer that unscales internally, as fused ones do."""
+        params = list(params)
+        fused = self.grad_clip == 0 and bool(params) and all(p.is_cuda for p in params)
+        optimizer = torch.optim.AdamW(
+            params, lr=self.lr, betas=tuple(self.betas), weight_decay=self.weight_decay, fused=fused or None
+        )
         warmup = max(self.warmup_steps, 1)
         schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda step: min(1.0, (step + 1) / warmup))
         return {"optimizer": optimizer, "lr_scheduler": {"scheduler": schedule, "interval": "step"}}
@@ -109,7 +115,26 @@ class TrainerConfig:
     val_every_n_steps: int = 500
     limit_val_batches: float = 1.0
     accumulate_grad_batches: int = 1
-    progress: str = "rich"  # rich | none
+    # rich: Rich's bar on a terminal, else a line per callbacks.monitor_every_n_steps | none: the lines only
+    progress: str = "rich"
+    # torch.compile of the network's tensor computation (sgexp.models.compiled; the random draws stay eager):
+    # null/"auto": on for CUDA, off for CPU; true/false force it. compile_mode: default | reduce-overhead (CUDA
+    # graphs) | max-autotune | max-autotune-no-cudagraphs (torch.compile's modes)
+    compile: Any = None
+    compile_mode: str = "default"
+
+
+COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
+
+
+def use_compile(compile: Any, mode: str, device_type: str) -> bool:
+    """``trainer.compile`` resolved for the device training runs on (``"cuda"``, ``"cpu"``, ...);
+    a bad ``compile`` or ``compile_mode`` fails naming the key."""
+    if not (compile is None or isinstance(compile, bool) or compile == "auto"):
+        raise fail("trainer.compile", compile, "must be null, 'auto' (on for CUDA, off for CPU), true or false")
+    if mode not in COMPILE_MODES:
+        raise fail("trainer.compile_mode", mode, f"must be one of {list(COMPILE_MODES)}")
+    return device_type == "cuda" if compile in (None, "auto") else compile
 
 
 @dataclass
@@ -118,6 +143,7 @@ class LoggerConfig:
     tracking_uri: str | None = None  # default sqlite:///<root>/runs/mlflow.db, or MLFLOW_TRACKING_URI
     experiment: str = "sgexp"
     run_name: str | None = None
+    system_metrics: bool = True  # CPU/GPU utilisation and memory in the training run (MLflow system metrics)
 
 
 @dataclass

@@ -31,7 +31,6 @@ import json
 import logging
 import os
 import sys
-import time
 import warnings
 from contextlib import contextmanager
 from datetime import datetime
@@ -40,7 +39,6 @@ from pathlib import Path
 import hydra
 import torch
 import torch.distributed as dist
-from mlflow.entities import Metric
 from mlflow.tracking import MlflowClient
 from omegaconf import DictConfig, OmegaConf
 from rich.console import Console
@@ -328,26 +326,18 @@ def _log_to_mlflow(cfg, results: dict, out_dir: Path, run_dir: Path, tracking_ur
     run_record.log_run_context(
         client, run_id, config=OmegaConf.to_container(cfg, resolve=True), meta=None, checkpoint_dir=None, root=root
     )
-    # The training callback's vocabulary (eval/<setting>/<metric>), so one MLflow chart compares both kinds
-    # of run; one batched call per 1,000 values (MLflow's limit) instead of a round trip per value.
-    step, now = max(results["step"], 0), int(time.time() * 1000)
-    values = {}
+    # The vocabulary of the training callback and of sweep trials (eval/<setting>/<metric>, sgexp.run_record),
+    # so one MLflow chart compares all three kinds of run; batched, at the checkpoint's training step.
+    step, values = max(results["step"], 0), {}
     for row in results["rows"]:
-        for key, value in row.items():
-            if isinstance(value, (int, float)) and not isinstance(value, bool):
-                values[f"eval/{row['setting']}/{key}"] = float(value)
-            elif key.endswith("_ci"):
-                low, high = value
-                values[f"eval/{row['setting']}/{key}_low"] = float(low)
-                values[f"eval/{row['setting']}/{key}_high"] = float(high)
-        if "grid" in row:
-            client.log_artifact(run_id, row["grid"], "samples")
+        values.update(run_record.eval_metrics(row["setting"], row))
+        if "grid" in row:  # an MLflow image at the step, beside the training's grids of the same key
+            run_record.log_image(
+                client, row["grid"], run_record.eval_key(row["setting"], "samples"), step=step, run_id=run_id
+            )
     for p in results["paired"]:
-        name = f"eval/paired/{p['a']}-{p['b']}/{p['metric']}"
-        values.update({f"{name}_diff": p["diff"], f"{name}_ci_low": p["ci"][0], f"{name}_ci_high": p["ci"][1]})
-    metrics = [Metric(key, float(value), now, step) for key, value in values.items()]
-    for start in range(0, len(metrics), 1000):
-        client.log_batch(run_id, metrics=metrics[start : start + 1000])
+        values.update(run_record.paired_metrics(p))
+    run_record.log_metrics(client, values, step, run_id=run_id)
     client.log_artifact(run_id, str(out_dir / "results.json"))
     if (out_dir / "selection.json").is_file():
         client.log_artifact(run_id, str(out_dir / "selection.json"))

@@ -32,10 +32,12 @@ from __future__ import annotations
 
 import argparse
 import json
+import os
 import sys
 from collections.abc import Mapping, Sequence
 from dataclasses import asdict, dataclass
 
+from sgexp.checks import fail
 from sgexp.diffusion.guidance import RULES, Guidance, Pass, build_guidance, can_share_prefix, cfg
 from sgexp.diffusion.sampler import SOLVERS, Sampler
 from sgexp.models.dit import DiTConfig
@@ -87,6 +89,47 @@ def step_macs(
         shared = config.shared_prefix_blocks([p.sparsity for p in passes])
         macs -= (len(passes) - 1) * prefix_macs(config, shared, include_attention)
     return macs
+
+
+def train_flops(config: DiTConfig, sparsity: float | Sequence[float] | None = None) -> float:
+    """Hardware FLOPs of one training step per image, for MFU: forward + backward ≈ 3 × forward,
+    2 FLOPs per multiply-accumulate, attention products included. ``None``: γ_train of every route."""
+    if sparsity is None:
+        sparsity = tuple(r.sparsity for r in config.routes)
+    return 2 * 3 * pass_macs(config, sparsity, include_attention=True)
+
+
+# Dense bf16 tensor-core peaks (no structured sparsity), FLOP/s, matched against the CUDA device name
+# in order (the first whose words all appear). H100 SXM and H200 share the same compute.
+PEAK_FLOPS = (
+    ("H100 PCIe", 756e12),
+    ("H100", 989e12),
+    ("H200", 989e12),
+    ("GH200", 989e12),
+    ("H800", 989e12),
+    ("B200", 2250e12),
+    ("A100", 312e12),
+    ("L40S", 362e12),
+)
+PEAK_ENV = "SGEXP_PEAK_TFLOPS"
+
+
+def peak_flops(device_name: str | None, environ: Mapping[str, str] | None = None) -> float | None:
+    """The accelerator's peak FLOP/s for MFU: ``$SGEXP_PEAK_TFLOPS`` if set, else ``PEAK_FLOPS`` by
+    device name (``torch.cuda.get_device_name``); ``None`` when unknown (a CPU: no MFU)."""
+    override = (os.environ if environ is None else environ).get(PEAK_ENV)
+    if override:
+        try:
+            value = float(override)
+        except ValueError:
+            raise fail(PEAK_ENV, override, "must be a number of TFLOP/s, e.g. 989") from None
+        if not value > 0:
+            raise fail(PEAK_ENV, override, "must be > 0 TFLOP/s")
+        return value * 1e12
+    for key, peak in PEAK_FLOPS if device_name else ():
+        if all(part in device_name for part in key.split()):
+            return peak
+    return None
 
 
 def gflops_per_pass(

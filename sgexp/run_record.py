@@ -2,7 +2,15 @@
 
 ``log_run_context`` records the resolved config (flattened params + ``config.yaml``), the dataset's
 ``meta.json``, the git commit and the directories of the run; logging it again on resume is safe.
-``log_artifact_file`` and ``log_image`` attach files and sample grids. Every helper takes an explicit
+``log_artifact_file`` attaches files; ``log_image`` logs sample grids as MLflow images with a step.
+
+One metric vocabulary for every kind of run (training, ``sgexp.evaluate``, sweep trials), so that one
+MLflow chart compares them: ``train/<name>`` and ``val/<name>`` (the Lightning module), and for a scored
+guidance setting ``eval/<setting>/<metric>`` (``eval_key``, ``eval_metrics``: ``eval/sg/fid``,
+``eval/sg/fid_ci_low``, ``eval/sg/gflops_per_sample``, the grid ``eval/sg/samples``),
+``eval/paired/<a>-<b>/<metric>_diff|_ci_low|_ci_high`` (``paired_metrics``). ``<setting>`` is the guidance
+setting's name (``none``, ``cfg``, ``sg``, ``cfg_sg``, ...); a sweep trial uses its family. Metrics go to
+MLflow in batches (``log_metrics``). Every helper takes an explicit
 ``MlflowClient`` (or the Lightning logger of ``sgexp.lit.mlflow_logger.make_logger``) and a run id: nothing
 touches mlflow's process-wide state. Where runs live and how they keep their identity:
 ``sgexp.tracking``.
@@ -12,8 +20,10 @@ from __future__ import annotations
 
 import json
 import logging
+import re
 import subprocess
 import tempfile
+import time
 from collections.abc import Mapping
 from datetime import UTC, datetime
 from pathlib import Path
@@ -23,7 +33,7 @@ import numpy as np
 import yaml
 from lightning.pytorch.loggers import MLFlowLogger
 from lightning.pytorch.utilities.rank_zero import rank_zero_only
-from mlflow.entities import RunTag
+from mlflow.entities import Metric, RunTag
 from mlflow.tracking import MlflowClient
 from mlflow.utils.validation import MAX_PARAM_VAL_LENGTH, MAX_TAG_VAL_LENGTH
 from omegaconf import DictConfig
@@ -35,6 +45,7 @@ from sgexp.tracking import flatten_params, log_params, mlflow_key, to_plain
 log = logging.getLogger("sgexp.run_record")
 
 Target = MlflowClient | MLFlowLogger  # where a helper logs: a client (with a run id) or the Lightning logger
+METRIC_BATCH = 1000  # mlflow: at most 1,000 metrics per log_batch
 
 
 def _git(root: Path, *args: str) -> str | None:
@@ -175,22 +186,70 @@ def _to_uint8(image: Any) -> np.ndarray:
 
 
 def log_image(
-    target: Target,
-    image: str | Path | Any,
-    artifact_path: str = "samples",
-    *,
-    name: str | None = None,
-    run_id: str | None = None,
+    target: Target, image: str | Path | Any, key: str, *, step: int = 0, run_id: str | None = None
 ) -> str | None:
-    """Log a PNG (e.g. a sample grid) into ``artifact_path``; returns its artifact path.
+    """Log a sample grid as an MLflow image ``key`` at ``step`` (``MlflowClient.log_image``): the UI shows
+    it among the run's charts with a step slider, next to the same key of other runs. Returns the key.
 
-    ``image`` is a PNG file (logged under its own name) or an array/tensor (see ``_to_uint8``) that is
-    written as the PNG file ``name``.
+    ``image`` is an image file (a grid ``save_grid`` wrote; it stays where it is) or an array/tensor (see
+    ``_to_uint8``). MLflow keeps it as ``images/<key, / as ~>+step+<step>+...png`` (and a small ``.webp``).
     """
+    resolved = _target(target, run_id)
+    if resolved is None:
+        return None
+    client, run_id = resolved
+    key = re.sub(r"[^\w\-./ ]", "_", key)  # the characters MlflowClient.log_image accepts
     if isinstance(image, str | Path):
-        return log_artifact_file(target, image, artifact_path, run_id=run_id)
-    if not name:
-        raise fail("name", name, "a file name such as 'step-0001000.png' is needed to log an array")
-    with tempfile.TemporaryDirectory(prefix="sgexp-image-") as tmp:
-        Image.fromarray(_to_uint8(image)).save(Path(tmp) / name, format="PNG")
-        return log_artifact_file(target, Path(tmp) / name, artifact_path, run_id=run_id)
+        if not Path(image).is_file():
+            raise FileNotFoundError(f"no image to log to MLflow at {image}")
+        with Image.open(image) as png:
+            picture = png.convert("RGBA" if png.mode in ("RGBA", "LA", "P") else "RGB")
+    else:
+        picture = Image.fromarray(_to_uint8(image))
+    client.log_image(run_id, picture, key=key, step=int(step), synchronous=True)
+    return key
+
+
+# --------------------------------------------------------------------------- metrics: one vocabulary
+
+
+def eval_key(setting: str, name: str) -> str:
+    """``eval/<setting>/<name>``: a guidance setting's metric (or sample grid) in every kind of run."""
+    return mlflow_key(f"eval/{setting}/{name}")
+
+
+def eval_metrics(setting: str, row: Mapping[str, Any]) -> dict[str, float]:
+    """The numbers of a scored setting's row as ``eval/<setting>/<key>``; an interval ``<m>_ci = [low, high]``
+    as ``<m>_ci_low`` and ``<m>_ci_high``. Strings, booleans and other values are not metrics."""
+    values = {}
+    for key, value in row.items():
+        if isinstance(value, bool):
+            continue
+        if isinstance(value, int | float | np.integer | np.floating):
+            values[eval_key(setting, key)] = float(value)
+        elif key.endswith("_ci") and isinstance(value, list | tuple) and len(value) == 2:
+            values[eval_key(setting, f"{key}_low")] = float(value[0])
+            values[eval_key(setting, f"{key}_high")] = float(value[1])
+    return values
+
+
+def paired_metrics(pair: Mapping[str, Any]) -> dict[str, float]:
+    """A paired comparison (``sgexp.eval.bootstrap.compare_settings``) of settings a and b: its metric's
+    difference a − b and interval as ``eval/paired/<a>-<b>/<metric>_diff|_ci_low|_ci_high``."""
+    name = f"eval/paired/{pair['a']}-{pair['b']}/{pair['metric']}"
+    low, high = pair["ci"]
+    values = {f"{name}_diff": pair["diff"], f"{name}_ci_low": low, f"{name}_ci_high": high}
+    return {mlflow_key(k): float(v) for k, v in values.items()}
+
+
+def log_metrics(target: Target, values: Mapping[str, float], step: int = 0, *, run_id: str | None = None) -> None:
+    """Log ``{key: value}`` at ``step`` in one ``log_batch`` per 1,000 values (one round trip, where a
+    call per value would queue each on a sqlite store's write lock)."""
+    resolved = _target(target, run_id)
+    if resolved is None:
+        return
+    client, run_id = resolved
+    now = int(time.time() * 1000)
+    metrics = [Metric(mlflow_key(k), float(v), now, int(step)) for k, v in values.items()]
+    for start in range(0, len(metrics), METRIC_BATCH):
+        client.log_batch(run_id, metrics=metrics[start : start + METRIC_BATCH])

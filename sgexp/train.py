@@ -30,7 +30,7 @@ from rich.console import Console
 
 from sgexp import run_record, runs, slurm, tracking
 from sgexp.checks import check_choice, fail
-from sgexp.config import OptimConfig, register_configs
+from sgexp.config import OptimConfig, register_configs, use_compile
 from sgexp.data import ShardDataModule, ensure_prepared
 from sgexp.data.prepare import BUILTIN
 from sgexp.lit.callbacks import TrainingMonitor
@@ -88,12 +88,21 @@ def model_config(cfg: DictConfig, meta: dict) -> DiTConfig:
     )
 
 
+def show_progress_bar(progress: str) -> bool:
+    """``trainer.progress``: ``rich`` draws Rich's bar when stdout is a terminal; in a log file (``make train >
+    log``, a SLURM job) a bar writes nothing useful, so there, as with ``none``, ``TrainingMonitor`` logs one
+    line per ``callbacks.monitor_every_n_steps`` (loss, images/s) on stdout, and each evaluation pass its own
+    lines (``sgexp.eval.progress``)."""
+    check_choice("trainer.progress", progress, ("rich", "none"))
+    return progress == "rich" and sys.stdout.isatty()
+
+
 def build_trainer(cfg: DictConfig, run_dir: Path, logger, callbacks: list[L.Callback]) -> L.Trainer:
     t = cfg.trainer
     precision = t.precision
     if precision == "auto":
         precision = "bf16-mixed" if torch.cuda.is_available() and t.accelerator != "cpu" else "32-true"
-    progress = t.progress == "rich"
+    progress = show_progress_bar(t.progress)
     if progress:
         callbacks = [*callbacks, L.pytorch.callbacks.RichProgressBar(refresh_rate=5)]
     in_slurm = SLURMEnvironment.detect()
@@ -135,6 +144,7 @@ def run(cfg: DictConfig) -> TrainResult:
     """
     root = Path(cfg.paths.root).resolve()
     cfg.paths.root = str(root)
+    show_progress_bar(cfg.trainer.progress)  # a misspelt choice fails now, not after the data is prepared
     if cfg.init_from and cfg.resume:
         raise fail("init_from", cfg.init_from, "starts a new run; resume= continues one: give one of them")
     if cfg.init_from:  # a checkpoint file, or a run directory: its newest checkpoint
@@ -148,6 +158,9 @@ def run(cfg: DictConfig) -> TrainResult:
     # Cheap checks first: a bad tracking URI, optimizer setting or dataset fails before any training.
     tracking_uri = tracking.tracking_uri_for(cfg.logger, root)
     optim: OptimConfig = OmegaConf.to_object(cfg.optim)  # checked in OptimConfig.__post_init__
+    use_compile(
+        cfg.trainer.compile, cfg.trainer.compile_mode, "cpu"
+    )  # a bad trainer.compile fails before the data is prepared
     data = OmegaConf.to_object(cfg.data)
     datamodule = ShardDataModule(
         str(prepare_data(cfg)), **data.loader_args(), seed=cfg.seed, max_steps=cfg.trainer.max_steps
@@ -168,7 +181,14 @@ def run(cfg: DictConfig) -> TrainResult:
 def _train(cfg, run_dir, start, datamodule, network, optim, config, tracking_uri) -> TrainResult:
     root, data_dir, ckpt_dir = Path(cfg.paths.root), Path(cfg.data.root) / cfg.data.name, run_dir / "checkpoints"
     L.seed_everything(cfg.seed, workers=True)
-    module = FlowMatchingModule(network.to_dict(), optim, seed=cfg.seed, dataset=cfg.data.name)
+    module = FlowMatchingModule(
+        network.to_dict(),
+        optim,
+        seed=cfg.seed,
+        dataset=cfg.data.name,
+        compile=cfg.trainer.compile,
+        compile_mode=cfg.trainer.compile_mode,
+    )
 
     tags = {}
     if cfg.init_from and start is None:  # a fine-tuning run's first start; later starts resume it
@@ -179,7 +199,9 @@ def _train(cfg, run_dir, start, datamodule, network, optim, config, tracking_uri
     logger = None
     if cfg.logger.enabled:
         run_name = cfg.logger.run_name or f"{cfg.experiment}/{run_dir.name}"
-        logger = make_logger(run_dir, tracking_uri, cfg.logger.experiment, run_name, tags=tags)
+        logger = make_logger(
+            run_dir, tracking_uri, cfg.logger.experiment, run_name, tags=tags, system_metrics=cfg.logger.system_metrics
+        )
         run_record.log_run_context(
             logger, logger.run_id, config=config, meta=datamodule.meta, checkpoint_dir=ckpt_dir, root=root
         )
@@ -254,7 +276,7 @@ def submit(cfg: DictConfig, overrides: list[str]) -> None:
 
 
 def _print_summary(result: TrainResult) -> None:
-    console = Console()
+    console = Console(soft_wrap=True)  # in a log file, paths stay on their line (no wrapping at 80 columns)
     console.print(f"[bold]finished[/] at step {result.global_step}")
     console.print(f"  checkpoint   {result.checkpoint}")
     for grid in result.sample_grids[-3:]:

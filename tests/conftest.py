@@ -144,19 +144,21 @@ def free_port() -> int:
 
 
 @contextmanager
-def mlflow_server(tmp: Path):
-    """A real ``mlflow server`` (one worker, proxied artifacts) on a free loopback port; stopped and checked gone."""
+def mlflow_server(tmp: Path, backend_store_uri: str | None = None):
+    """A real ``mlflow server`` (one worker, proxied artifacts) on a free loopback port, its runs in
+    ``backend_store_uri`` (default: the sqlite file ``tmp/srv.db``); stopped and checked gone."""
     port = free_port()
     env = {**os.environ, "MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"}
     env.pop("MLFLOW_TRACKING_URI", None)
     server = ["--host", "127.0.0.1", "--port", str(port), "--workers", "1"]
-    stores = ["--backend-store-uri", f"sqlite:///{tmp / 'srv.db'}", "--artifacts-destination", str(tmp / "artifacts")]
+    backend = backend_store_uri or f"sqlite:///{tmp / 'srv.db'}"
+    stores = ["--backend-store-uri", backend, "--artifacts-destination", str(tmp / "artifacts")]
     cmd = [sys.executable, "-m", "mlflow", "server", *server, *stores]
     stderr = tmp / "server.err"
     with open(tmp / "server.out", "wb") as out, open(stderr, "wb") as err:
         proc = subprocess.Popen(cmd, cwd=tmp, env=env, stdout=out, stderr=err, start_new_session=True)
     try:
-        start, deadline = time.monotonic(), time.monotonic() + 60
+        start, deadline = time.monotonic(), time.monotonic() + 120  # first start: schema migrations
         while True:
             try:
                 with urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=1) as response:

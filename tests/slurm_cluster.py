@@ -17,6 +17,7 @@ import socket
 import subprocess
 import sys
 import time
+from dataclasses import dataclass
 from pathlib import Path
 
 import optuna
@@ -82,7 +83,7 @@ def training_overrides(tmp: Path, shards: Path, *extra: str, launcher: bool = Tr
         "callbacks.checkpoint.last_every_n_steps=50",
         "callbacks.guided_eval.train_classifier=false",
         "launcher.cpus_per_task=1",
-        "launcher.time=10",
+        "launcher.time=30",  # sbatch's USR1 comes 300 s before the limit: only the tests send one, also under load
     ]
     if launcher:
         training += ["launcher=slurm", "launcher.gpus_per_node=0", "launcher.tasks_per_node=2"]
@@ -140,17 +141,30 @@ def differing_tensors(a: Path, b: Path) -> list[str]:
     return [k for k in x if not torch.equal(x[k], y[k])]
 
 
-def sweep_array(out: Path, shards: Path, checkpoint: Path, *slurm_args: str) -> list[str]:
-    """``sgexp.sweeps --slurm-array 2 --wait`` on one Optuna journal (``out/study.log``) and a real ``mlflow
-    server``: every trial runs once, in both array tasks, each a child of the study's MLflow run, and the
-    report is written. Returns the workers (``host:pid``) that ran trials."""
+@dataclass(frozen=True)
+class Sweep:
+    """What a finished sweep array left: the workers (``host:pid``) that ran trials, the number of finished
+    trials (each ran once), the study's MLflow parent run."""
+
+    workers: list[str]
+    trials: int
+    parent_run_id: str
+
+
+def sweep_array(
+    out: Path, shards: Path, checkpoint: Path, *slurm_args: str, storage: str = "", mlflow_backend: str | None = None
+) -> Sweep:
+    """``sgexp.sweeps --slurm-array 2 --wait`` on one Optuna storage (default: the journal ``out/study.log``) and a
+    real ``mlflow server`` (backend store ``mlflow_backend``, default sqlite): every trial runs once, in both
+    array tasks, each a child of the study's MLflow parent run, and the report is written."""
     out.mkdir()
-    with mlflow_server(out) as server:
+    storage = storage or str(out / "study.log")
+    with mlflow_server(out, mlflow_backend) as server:
         paths = [f"paths.root={ROOT}", f"paths.data_dir={shards}", f"paths.runs_dir={out / 'runs'}"]
         sampling = ["sampler.steps=3", "batch_size=24", "grid_size=10"]
         search = ["optuna.n_startup_trials=2", "heartbeat.interval=0.5", "heartbeat.timeout=20"]
         sets = [f"checkpoint={checkpoint}", *paths, *sampling, *search]
-        args = ["--study", "sparsity_pareto", "--storage", str(out / "study.log"), "--tracking-uri", server["uri"]]
+        args = ["--study", "sparsity_pareto", "--storage", storage, "--tracking-uri", server["uri"]]
         args += ["--n-trials", "10", "--samples", "24", "--final-samples", "0", *slurm_args]
         args += ["--slurm-array", "2", "--slurm-args=--time=10", "--wait", "--wait-timeout", str(JOB_TIMEOUT)]
         for item in sets:
@@ -161,7 +175,7 @@ def sweep_array(out: Path, shards: Path, checkpoint: Path, *slurm_args: str) -> 
         job_logs = "\n".join(p.read_text() for p in sorted((out / "runs/sweeps/sparsity_pareto/slurm").glob("*.out")))
         assert done.returncode == 0, done.stderr[-3000:] + job_logs[-3000:]
 
-        study = optuna.load_study(study_name="sparsity_pareto", storage=open_storage(str(out / "study.log")))
+        study = optuna.load_study(study_name="sparsity_pareto", storage=open_storage(storage))
         finished = [t for t in study.trials if t.state.is_finished()]
         assert 10 <= len(finished) <= 11 and all(t.state == optuna.trial.TrialState.COMPLETE for t in finished)
         settings = [json.dumps(t.user_attrs["setting"], sort_keys=True) for t in finished]
@@ -175,4 +189,4 @@ def sweep_array(out: Path, shards: Path, checkpoint: Path, *slurm_args: str) -> 
         )
         assert len(children) == len(finished)
     assert (out / "runs/sweeps/sparsity_pareto/report/summary.json").is_file()
-    return sorted({t.user_attrs["worker"] for t in finished})
+    return Sweep(sorted({t.user_attrs["worker"] for t in finished}), len(finished), parent)

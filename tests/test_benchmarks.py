@@ -15,6 +15,12 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_compile import fit_briefly
+
+from sgexp.flops import pass_macs, peak_flops, train_flops
+from sgexp.lit.callbacks import TrainingMonitor
+from sgexp.lit.module import FlowMatchingModule
+from sgexp.models import DiTConfig
 
 ROOT = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(ROOT))  # `benchmarks` is a folder of scripts at the repository root, not an installed package
@@ -100,3 +106,38 @@ def test_data_resume_benchmark_smoke(tmp_path):
     for row in data["rows"]:
         assert row["bytes_read"] is None or row["bytes_read"] < window + 2**20  # one window (+ slack)
     assert data["ratio_1e6_to_10"]["median"] > 0
+
+
+def test_peak_flops_by_device_name_or_environment():
+    assert peak_flops("NVIDIA H200") == peak_flops("NVIDIA H100 80GB HBM3") == 989e12
+    assert peak_flops("NVIDIA H100 PCIe") == 756e12 and peak_flops("NVIDIA A100-SXM4-80GB") == 312e12
+    assert peak_flops(None, {}) is None and peak_flops("NVIDIA GeForce GT 710", {}) is None
+    assert peak_flops(None, {"SGEXP_PEAK_TFLOPS": "2.5"}) == 2.5e12
+    with pytest.raises(ValueError, match="SGEXP_PEAK_TFLOPS"):
+        peak_flops(None, {"SGEXP_PEAK_TFLOPS": "fast"})
+
+
+def test_training_log_has_model_flops_and_mfu(monkeypatch):
+    """TrainingMonitor: train/tflops_per_s from sgexp.flops (3 × forward at γ_train), train/mfu against the peak."""
+    monkeypatch.setenv("SGEXP_PEAK_TFLOPS", "0.001")  # a CPU has no known peak: give one
+    config = DiTConfig.from_name("SiT-Micro/4", input_size=16, in_channels=3, num_classes=5)
+    assert train_flops(config) == 6 * pass_macs(config, 0.5, include_attention=True) < train_flops(config, 0.0)
+    trainer = fit_briefly(FlowMatchingModule(config.to_dict()), steps=4, callbacks=[TrainingMonitor(every_n_steps=2)])
+    metrics = trainer.callback_metrics
+    achieved = metrics["train/images_per_s"].item() * train_flops(config)
+    assert metrics["train/tflops_per_s"].item() == pytest.approx(achieved / 1e12, rel=1e-5)
+    assert metrics["train/mfu"].item() == pytest.approx(achieved / 1e9, rel=1e-5)
+    assert "train/compile_s" not in metrics  # compile is off on a CPU by default
+
+
+@pytest.mark.slow  # ~1.5 min on 2 shared cores
+def test_gpu_script_smoke_with_compiled_rows(tmp_path):
+    """The compiled rows (training; CFG batched and SG in one call) on tiny sizes, aot_eager for speed."""
+    proc = _run("benchmarks.gpu", "--smoke", tmp_path=tmp_path)  # on a CPU: --compile-backend aot_eager
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    data = json.loads((tmp_path / "gpu_smoke.json").read_text())
+    assert data["errors"] == []
+    assert [r["compiled"] for r in data["train"]] == [False, True]
+    compiled = [r for r in data["sampling"] if r["compiled"]]
+    assert {r["rule"] for r in compiled} == {"cfg", "sg"} and all(r["first_call_s"] > 0 for r in compiled)
+    assert data["train"][1]["first_call_s"]["routed"] > 0

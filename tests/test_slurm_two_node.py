@@ -13,7 +13,9 @@ a real cluster; they share this machine's cores, filesystem and loopback network
 2. ``scancel --signal=USR1`` and a plain ``scontrol requeue`` of the running 2-node job: it is requeued,
    runs again on both nodes, resumes from the newest checkpoint and ends bit-identical to test 1's job,
    in one MLflow run whose metric history spans the interruption; ``SLURM_RESTART_COUNT`` is tagged.
-3. A sweep array of 2 one-node tasks: a worker on each node, one Optuna journal, one MLflow server.
+3. A sweep array of 2 one-node tasks: a worker on each node, one study, one MLflow server; shown twice: on
+   an Optuna journal on the shared filesystem (an sqlite MLflow store), and on a real PostgreSQL server
+   (tests/postgres_server.py) as both the Optuna storage and the MLflow server's backend store.
 4. sg-node2 lost mid-job (frozen, then brought back): SLURM requeues the job, it resumes from the newest
    checkpoint on both nodes and ends like the uninterrupted job.
 
@@ -31,12 +33,15 @@ import time
 from pathlib import Path
 
 import pytest
+import sqlalchemy
 from conftest import ROOT
 from mlflow.tracking import MlflowClient
+from postgres_server import postgres_server
 from slurm_cluster import (
     JOB_TIMEOUT,
     STEPS,
     TWO_NODE_CONF,
+    Sweep,
     cluster_marks,
     differing_tensors,
     job_log,
@@ -77,7 +82,7 @@ def make_train_slurm(tmp: Path, shards: Path, nodes: int = 2) -> tuple[str, Path
         cwd=ROOT,
         capture_output=True,
         text=True,
-        timeout=180,
+        timeout=300,
     )
     return submitted(done)
 
@@ -177,6 +182,7 @@ def test_two_node_usr1_checkpoints_requeues_and_resumes(two_nodes, two_node_job)
     tmp, shards = two_nodes
     job_id, run_dir, text, run_id = interrupt_two_node_job(tmp / "usr1", shards, ["scancel", "--signal=USR1"])
     assert "SIGUSR1: saving" in text and f"requeued SLURM job {job_id}" in text, text[-4000:]
+    assert "stopped by SIGUSR1 at step" in text  # it stops once requeued, instead of training on until killed
     interrupted_at, _ = weights(run_dir / "hpc_ckpt_1.ckpt")
     assert 0 < interrupted_at < STEPS and "resuming from hpc" in text
     assert_resumed_like(run_dir, two_node_job[1], tmp / "usr1", run_id, interrupted_at)
@@ -192,13 +198,57 @@ def test_two_node_plain_scontrol_requeue_resumes(two_nodes, two_node_job):
     assert_resumed_like(run_dir, two_node_job[1], tmp / "requeue", run_id, int(resumed.group(2)))
 
 
-def test_two_node_sweep_array_runs_on_both_nodes(two_nodes, two_node_job):
-    """``--slurm-array 2`` with a whole node per task (``--slurm-cpus 2``): one worker on each node, one Optuna
-    journal on the shared filesystem, one ``mlflow server``; no setting evaluated twice, the report written."""
+def sweep_on_both_nodes(two_nodes, two_node_job, name: str, **stores: str) -> Sweep:
+    """``--slurm-array 2`` with a whole node per task (``--slurm-cpus 2``): one worker on each node, one study,
+    one ``mlflow server`` (``stores``: see ``sweep_array``); no setting evaluated twice, the report written."""
     tmp, shards = two_nodes
     checkpoint = two_node_job[1] / "checkpoints" / "last.ckpt"
-    workers = sweep_array(tmp / "sweep", shards, checkpoint, "--slurm-cpus", "2")
-    assert sorted({w.split(":")[0] for w in workers}) == NODES, workers
+    sweep = sweep_array(tmp / name, shards, checkpoint, "--slurm-cpus", "2", **stores)
+    assert sorted({w.split(":")[0] for w in sweep.workers}) == NODES, sweep.workers
+    return sweep
+
+
+def test_two_node_sweep_array_runs_on_both_nodes(two_nodes, two_node_job):
+    """The study in an Optuna journal on the shared filesystem, the MLflow server's runs in sqlite."""
+    sweep_on_both_nodes(two_nodes, two_node_job, "sweep")
+
+
+def test_two_node_sweep_array_on_postgresql(two_nodes, two_node_job):
+    """What a large cluster uses: one PostgreSQL server as the Optuna storage and as the MLflow server's backend
+    store (two databases), started here on 127.0.0.1 and stopped after. The URLs carry no password: libpq reads
+    ``PGPASSWORD`` (inherited by the jobs; ``~/.pgpass`` on a real cluster), so none is in the sbatch script or
+    in MLflow. The trials and the runs are read back from PostgreSQL's own tables."""
+    tmp, _ = two_nodes
+    with postgres_server(tmp / "postgres", databases=("optuna", "mlflow")) as pg, pytest.MonkeyPatch.context() as env:
+        env.setenv("PGPASSWORD", pg.password)
+        stores = {"storage": pg.url("optuna", password=False), "mlflow_backend": pg.url("mlflow", password=False)}
+        sweep = sweep_on_both_nodes(two_nodes, two_node_job, "sweep_pg", **stores)
+
+        trials = "SELECT count(*) FROM trials JOIN studies USING (study_id) WHERE study_name = :name AND state = :state"
+        children = "SELECT count(*) FROM tags WHERE key = 'mlflow.parentRunId' AND value = :parent"
+        with sql(pg.url("optuna")) as optuna_db, sql(pg.url("mlflow")) as mlflow_db:
+            assert (
+                optuna_db.execute(sqlalchemy.text(trials), {"name": "sparsity_pareto", "state": "COMPLETE"}).scalar()
+                == sweep.trials
+            )
+            assert (
+                mlflow_db.execute(sqlalchemy.text(children), {"parent": sweep.parent_run_id}).scalar() == sweep.trials
+            )
+            params = mlflow_db.execute(sqlalchemy.text("SELECT value FROM params")).scalars().all()
+        script = (tmp / "sweep_pg" / "runs/sweeps/sparsity_pareto/slurm/workers.sbatch").read_text()
+        assert pg.url("optuna", password=False) in script and not [v for v in params if pg.password in v]
+        assert pg.password not in script
+
+
+@contextlib.contextmanager
+def sql(url: str):
+    """A SQLAlchemy connection to ``url``, its engine disposed after (no connection left for the server's stop)."""
+    engine = sqlalchemy.create_engine(url)
+    try:
+        with engine.connect() as connection:
+            yield connection
+    finally:
+        engine.dispose()
 
 
 def node_processes(node: str) -> list[int]:

@@ -152,7 +152,19 @@ def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, caps
     children = client.search_runs([parent.info.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     assert sorted(r.info.run_id for r in children) == sorted(t.user_attrs["mlflow_run_id"] for t in trials)
     child = client.get_run(trials[5].user_attrs["mlflow_run_id"])
-    assert child.data.metrics["fid"] == pytest.approx(trials[5].values[0]) and child.data.params["scale"] == "5.0"
+    assert child.data.params["scale"] == "5.0"
+    # sgexp.evaluate's keys with the family as the setting, at the checkpoint's step; no bare "fid".
+    assert child.data.metrics["eval/sg/fid"] == pytest.approx(trials[5].values[0])
+    assert all(k.startswith("eval/sg/") for k in child.data.metrics)
+    cfg_child = client.get_run(trials[1].user_attrs["mlflow_run_id"])
+    assert cfg_child.data.metrics["eval/cfg/gflops_per_sample"] == pytest.approx(trials[1].values[1])
+    step = torch.load(trained[1].checkpoint, map_location="cpu", weights_only=False)["global_step"]
+    assert {m.step for m in client.get_metric_history(child.info.run_id, "eval/sg/fid")} == {step}
+    finalist = client.get_run(trials[front[0].number].user_attrs["mlflow_run_id"])
+    family = front[0].user_attrs["family"]
+    assert finalist.data.metrics[f"eval/{family}/fid_final"] == pytest.approx(front[0].user_attrs["fid_final"])
+    images = [Path(f.path).name for f in client.list_artifacts(child.info.run_id, "images")]
+    assert any(name.startswith(f"eval~sg~samples+step+{step}+") for name in images), images
     assert REPORT_FILES <= {Path(f.path).name for f in client.list_artifacts(parent.info.run_id, "report")}
     out = capsys.readouterr().out
     assert "Pareto set of sparsity_pareto" in out and "report:" in out and parent.info.run_id in out

@@ -84,7 +84,7 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     for step, loss in [(1, 1.0), (2, 0.5)]:
         logger.log_metrics({"train/loss": loss}, step=step)
     grid = torch.rand(3, 16, 24, dtype=torch.bfloat16)  # CxHxW, as torchvision's make_grid gives it
-    assert run_record.log_image(logger, grid, "samples", name="step-0000002.png") == "samples/step-0000002.png"
+    assert run_record.log_image(logger, grid, "eval/sg/samples", step=2) == "eval/sg/samples"
     (tmp / "note.txt").write_text("hello")
     assert run_record.log_artifact_file(logger, tmp / "note.txt", "extra") == "extra/note.txt"
     logger.finalize("success")
@@ -99,7 +99,7 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     assert params["weird key_1.empty"] == "" and params["weird key_1.none"] == "None"
     assert params["data.name"] == "mnist5k" and params["data.meta.name"] == "mnist5k-v2"  # config wins
     assert params["data.num_train"] == "4500" and params["data.resolution"] == "28" and "data.classes" not in params
-    assert params["lr"] == "0.001" and params["network/depth"] == "4"  # Lightning hparams, its "/" keys
+    assert params["lr"] == "0.001" and params["network.depth"] == "4"  # Lightning hparams, the config's "."
     commit, dirty = run_record.git_commit(REPO), run_record.git_dirty(REPO)
     assert tags["git.commit"] == (commit or "unknown")
     assert tags["git.dirty"] == ("unknown" if dirty is None else str(dirty).lower())
@@ -108,9 +108,11 @@ def exercise(uri: str, artifact_root: str | None, run_dir: Path, tmp: Path) -> t
     history = client.get_metric_history(run_id, "train/loss")
     assert [(m.step, m.value) for m in history] == [(1, 1.0), (2, 0.5)]
     files = {f.path for f in client.list_artifacts(run_id)}
-    assert {"config.yaml", "dataset", "samples", "extra"} <= files
+    assert {"config.yaml", "dataset", "images", "extra"} <= files
     assert [f.path for f in client.list_artifacts(run_id, "dataset")] == ["dataset/meta.json"]
-    assert [f.path for f in client.list_artifacts(run_id, "samples")] == ["samples/step-0000002.png"]
+    images = sorted(Path(f.path).name for f in client.list_artifacts(run_id, "images"))  # MLflow's image charts
+    assert len(images) == 2 and all(n.startswith("eval~sg~samples+step+2+") for n in images)
+    assert {Path(n).suffix for n in images} == {".png", ".webp"}
     local = Path(client.download_artifacts(run_id, "config.yaml", str(tmp)))
     assert yaml.safe_load(local.read_text()) == OmegaConf.to_container(cfg, resolve=True)
 
@@ -245,7 +247,8 @@ def test_sqlite_run_lifecycle(store, tmp_path):
     assert client.get_experiment_by_name(EXPERIMENT).artifact_location == artifact_root
     on_disk = Path(artifact_root) / run_id / "artifacts"
     assert (on_disk / "config.yaml").is_file() and (on_disk / "dataset" / "meta.json").is_file()
-    with Image.open(on_disk / "samples" / "step-0000002.png") as png:
+    (png_file,) = (on_disk / "images").glob("eval~sg~samples+step+2+*.png")
+    with Image.open(png_file) as png:
         assert png.size == (24, 16) and png.mode == "RGB"
 
 
@@ -255,7 +258,7 @@ def test_server_run_lifecycle(server, tmp_path):
     assert experiment.artifact_location.startswith("mlflow-artifacts:")  # uploaded over HTTP, not a client path
     on_disk = server["artifacts"] / experiment.experiment_id / run_id / "artifacts"
     assert (on_disk / "config.yaml").is_file() and (on_disk / "dataset" / "meta.json").is_file()
-    assert (on_disk / "samples" / "step-0000002.png").is_file()
+    assert len(list((on_disk / "images").glob("eval~sg~samples+step+2+*.png"))) == 1
 
 
 def test_open_run_refuses_a_run_the_store_does_not_have(store, tmp_path):
@@ -277,7 +280,8 @@ def test_other_ranks_do_not_create_or_log(store, tmp_path, monkeypatch):
     assert logger.run_id is None and not (tmp_path / "run" / "mlflow_run_id").exists()
     cfg, meta = train_config()
     assert run_record.log_run_context(logger, logger.run_id, config=cfg, meta=meta, root=REPO) is None
-    assert run_record.log_image(logger, np.zeros((4, 4)), name="a.png") is None
+    assert run_record.log_image(logger, np.zeros((4, 4)), "eval/sg/samples") is None
+    run_record.log_metrics(logger, {"eval/sg/fid": 1.0})
     logger.log_metrics({"loss": 1.0}, step=1)
     logger.finalize("success")
 

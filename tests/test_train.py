@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import io
 import math
 import socket
+import sys
 import time
 from dataclasses import asdict
 from pathlib import Path
@@ -21,9 +23,17 @@ from sgexp.models.dit import DiTConfig
 from sgexp.train import run
 
 
-def test_smoke_train_logs_to_mlflow(tmp_path, shards):
+class Terminal(io.StringIO):
+    def isatty(self) -> bool:
+        return True
+
+
+def test_smoke_train_logs_to_mlflow(tmp_path, shards, monkeypatch):
+    screen = Terminal()
+    monkeypatch.setattr(sys, "stdout", screen)  # trainer.progress=rich draws its bar on a terminal only
     cfg = compose_train(digits_run(tmp_path, shards, "trainer.progress=rich"))
     result = run(cfg)
+    assert "━" in screen.getvalue()
     assert result.global_step == 8
     assert result.checkpoint.is_file()
     assert (result.run_dir / "checkpoints" / "step-0000004.ckpt").is_file()
@@ -51,8 +61,9 @@ def test_smoke_train_logs_to_mlflow(tmp_path, shards):
     assert mlrun.data.params["model.name"] == "SiT-Micro/2"
     artifacts = {a.path for a in client.list_artifacts(result.mlflow_run_id)}
     assert "config.yaml" in artifacts
-    samples = client.list_artifacts(result.mlflow_run_id, "samples")
-    assert len(samples) == 3
+    images = [a.path for a in client.list_artifacts(result.mlflow_run_id, "images")]
+    for setting in ("none", "cfg", "sg"):  # each grid an MLflow image at its step (sgexp.run_record.log_image)
+        assert any(f"{setting}~samples+step+8+" in p and p.endswith(".png") for p in images), images
 
     module = FlowMatchingModule.load_from_checkpoint(result.checkpoint, map_location="cpu")
     assert module.config.routes[0].start == 1 and module.config.input_size == 8

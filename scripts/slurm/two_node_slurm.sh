@@ -6,7 +6,8 @@
 # Provenance: adapted from the proven recipe ../shared/notes/slurm/two_node_slurm.sh (notes:
 # ../shared/notes/two-node-slurm.md: what was tried, what was seen working, the pitfalls). Changes
 # here: partition `sgexp`, `selftest` checks the nodes only (the DDP job is tests/test_slurm_two_node.py),
-# `env` prints the client setting.
+# `env` prints the client setting; the process helpers and the slurm.conf settings it shares with
+# local_slurm.sh are in common.sh, package installation in ../apt_install.sh.
 #
 #   two_node_slurm.sh start     install if missing, configure, start munged +
 #                               slurmctld + one slurmd per node, wait until all
@@ -57,7 +58,7 @@
 #                                         (then node names are added to /etc/hosts
 #                                         and `hostname` is the machine's in jobs);
 #                                         auto: namespaces if `unshare` works
-#   TWO_NODE_SLURM_INSTALL=1              apt-get install the packages if missing
+#   TWO_NODE_SLURM_INSTALL=1              apt-get install the packages if missing (0: never)
 set -euo pipefail
 
 ACTION="${1:-start}"
@@ -94,32 +95,7 @@ node_pidfile() { echo "$DIR/run/slurmd-$(node_name "$1").pid"; }   # = SlurmdPid
 node_nsfile() { echo "$DIR/run/$(node_name "$1").ns"; }
 
 # --- process helpers ----------------------------------------------------------
-# pid_alive PIDFILE COMM: the PID in PIDFILE lives, is not a zombie, and its comm
-# starts with COMM (guards against stale files and PID reuse).
-pid_alive() {
-  local f="$1" comm="$2" pid
-  [ -s "$f" ] || return 1
-  pid="$({ tr -dc 0-9 < "$f"; } 2>/dev/null || true)"
-  [ -n "$pid" ] && [ -r "/proc/$pid/comm" ] || return 1
-  [ "$(sed 's/^.*) //' "/proc/$pid/stat" 2>/dev/null | cut -d' ' -f1)" != Z ] || return 1
-  case "$(cat "/proc/$pid/comm")" in "$comm"*) return 0 ;; esac
-  return 1
-}
-# stop_pidfile PIDFILE COMM: SIGTERM, wait up to 10 s, SIGKILL. Only that PID.
-stop_pidfile() {
-  local f="$1" comm="$2" pid i
-  pid_alive "$f" "$comm" || { rm -f "$f"; return 0; }
-  pid="$({ tr -dc 0-9 < "$f"; } 2>/dev/null || true)"
-  kill "$pid" 2>/dev/null || true
-  for i in $(seq 1 100); do pid_alive "$f" "$comm" || break; sleep 0.1; done
-  if pid_alive "$f" "$comm"; then log "$comm ($pid) did not exit, SIGKILL"; kill -9 "$pid" 2>/dev/null || true; fi
-  rm -f "$f"; log "stopped $comm (pid $pid)"
-}
-wait_for() {  # wait_for SECONDS CMD...: retry CMD every 0.2 s
-  local n=$(( $1 * 5 )) i; shift
-  for i in $(seq 1 "$n"); do "$@" >/dev/null 2>&1 && return 0; sleep 0.2; done
-  return 1
-}
+. "$(dirname "$(readlink -f "$0")")/common.sh"   # pid_alive, stop_pidfile, wait_for, slurm_conf_common
 ctld_up() { scontrol ping 2>/dev/null | grep -q 'is UP'; }
 munge_ok() { munge -S "$MUNGE_SOCK" -n 2>/dev/null | unmunge -S "$MUNGE_SOCK" >/dev/null 2>&1; }
 port_busy() {  # is something (not necessarily ours) listening on TCP port $1?
@@ -139,23 +115,8 @@ use_ns() {     # decide once whether slurmds get their own UTS + mount namespace
 
 # --- install --------------------------------------------------------------------
 install_packages() {
-  local pkgs=(slurmctld slurmd slurm-client munge) missing=() p own_policy=0
-  for p in "${pkgs[@]}"; do
-    dpkg-query -W -f='${Status}' "$p" 2>/dev/null | grep -q "install ok installed" || missing+=("$p")
-  done
-  [ "${#missing[@]}" -eq 0 ] && return 0
-  [ "$DO_INSTALL" = 1 ] || die "missing packages: ${missing[*]}"
-  log "installing: ${missing[*]}"
-  # The maintainer scripts would start the DEFAULT munge/slurm services (via
-  # invoke-rc.d) - not ours, and not wanted: deny with a temporary policy-rc.d.
-  if [ ! -e /usr/sbin/policy-rc.d ]; then
-    printf '#!/bin/sh\nexit 101\n' > /usr/sbin/policy-rc.d; chmod 755 /usr/sbin/policy-rc.d; own_policy=1
-  fi
-  export DEBIAN_FRONTEND=noninteractive
-  apt-get update -qq
-  apt-get install -y -qq --no-install-recommends "${missing[@]}" >/dev/null
-  [ "$own_policy" = 1 ] && rm -f /usr/sbin/policy-rc.d
-  log "packages installed"
+  [ "$DO_INSTALL" = 1 ] || return 0
+  "$(dirname "$(readlink -f "$0")")/../apt_install.sh" slurmctld slurmd slurm-client munge
 }
 
 # --- munge (our own daemon, socket and key) ----------------------------------
@@ -180,11 +141,9 @@ start_munge() {
 
 # --- slurm.conf -------------------------------------------------------------
 write_conf() {
-  local line cpus mem overrides="" ctl_host nodes_expr i n
-  line="$(slurmd -C | head -1)"
-  cpus="$(echo "$line" | sed -n 's/.* CPUs=\([0-9]*\).*/\1/p')"
-  mem="$(echo "$line" | sed -n 's/.* RealMemory=\([0-9]*\).*/\1/p')"
-  [ -n "$cpus" ] && [ -n "$mem" ] || die "could not parse 'slurmd -C': $line"
+  local cpus mem overrides="" ctl_host nodes_expr i n
+  cpus="$(hardware CPUs)"; mem="$(hardware RealMemory)"
+  [ -n "$cpus" ] && [ -n "$mem" ] || die "could not parse 'slurmd -C': $(slurmd -C | head -1)"
   if [ -n "${TWO_NODE_SLURM_CPUS:-}" ] && [ "$TWO_NODE_SLURM_CPUS" != "$cpus" ]; then
     cpus="$TWO_NODE_SLURM_CPUS"
     overrides="SlurmdParameters=config_overrides"   # believe slurm.conf, not the hardware
@@ -201,13 +160,8 @@ write_conf() {
 # Generated by two_node_slurm.sh: $NNODES slurmd nodes on one machine, loopback only.
 ClusterName=sg2node
 SlurmctldHost=${ctl_host}(127.0.0.1)
-# root everywhere: CI runs as root; no slurm user/permissions to set up
-SlurmUser=root
-SlurmdUser=root
 # our own munged: the default socket (/run/munge) may belong to another cluster.
 # cred_expire also sets how long a requeued job waits before it may start again.
-AuthType=auth/munge
-CredType=cred/munge
 AuthInfo=socket=${MUNGE_SOCK},cred_expire=${CRED_EXPIRE}
 # our own ports (a default cluster uses 6817/6818); each node overrides
 # SlurmdPort with Port= below, because all slurmds bind 0.0.0.0 in one net ns
@@ -220,34 +174,11 @@ SlurmctldPidFile=${CTLD_PID}
 SlurmdPidFile=${DIR}/run/slurmd-%n.pid
 SlurmctldLogFile=${DIR}/log/slurmctld.log
 SlurmdLogFile=${DIR}/log/slurmd-%n.log
-SlurmctldDebug=info
-SlurmdDebug=info
-MailProg=/bin/true
-# no cgroups (containers/CI often lack a writable cgroup tree): plain process
-# tracking by parent PID, no task binding
-ProctrackType=proctrack/linuxproc
-TaskPlugin=task/none
-MpiDefault=none
-SwitchType=switch/none
-# schedule quickly (tests wait on it)
-SchedulerType=sched/backfill
-SchedulerParameters=sched_interval=2,bf_interval=1
-SelectType=select/cons_tres
-SelectTypeParameters=CR_Core
 # no accounting daemon (sacct is unavailable; squeue/scontrol work)
-JobAcctGatherType=jobacct_gather/none
 AccountingStorageType=accounting_storage/none
-JobCompType=jobcomp/none
-# a node that was DOWN (e.g. a killed slurmd) comes back when its slurmd registers
-ReturnToService=2
-SlurmctldTimeout=30
-SlurmdTimeout=30
-InactiveLimit=0
-MinJobAge=300
-KillWait=5
-Waittime=0
 ${overrides}
 EOF
+    slurm_conf_common
     for i in $(seq 1 "$NNODES"); do
       n="$(node_name "$i")"
       # NodeHostname distinct per node: SLURM refuses two nodes with the same
@@ -256,9 +187,7 @@ EOF
     done
     echo "PartitionName=${PARTITION} Nodes=${nodes_expr} Default=YES MaxTime=INFINITE State=UP OverSubscribe=NO"
   } > "$CONF.new"
-  CONF_CHANGED=0
-  cmp -s "$CONF.new" "$CONF" 2>/dev/null || CONF_CHANGED=1
-  mv "$CONF.new" "$CONF"; chmod 644 "$CONF"
+  replace_conf "$CONF.new" "$CONF"
   echo "export SLURM_CONF=$CONF" > "$DIR/env.sh"
   # hosts file seen by the node namespaces: the machine's, plus our node names
   { grep -v "$HOSTS_TAG" /etc/hosts || true

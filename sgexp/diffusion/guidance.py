@@ -34,6 +34,10 @@ branches after it (bit-identical to separate passes); ``Guidance.share_prefix`` 
 off, and the FLOPs model prices whichever is in force. CFG, ICG, CFG+SG and AutoGuidance
 branches differ in label or model, so nothing is shared there.
 
+With a compiled network (``DiT.compile_core``, ``trainer.compile``), a step's random draws run
+eagerly in the same order and all its passes run as one compiled call
+(``sgexp.diffusion.guided_step``): CFG's branches as one batch, SG's prefix once.
+
 ICG's random label c̃ (independent condition guidance) is drawn per sample index from its
 own seed stream (``sgexp.diffusion.seeds.random_labels``), once per trajectory: sample i
 guides away from the same c̃ at every step and in every setting. It is uniform over the
@@ -55,6 +59,7 @@ from dataclasses import dataclass, field, replace
 import torch
 
 from sgexp.checks import check_choice, check_guidance_scale, check_time_interval, fail
+from sgexp.diffusion.guided_step import combine, guided_passes
 from sgexp.diffusion.schedules import Constant, Schedule, as_schedule, schedule_crossing
 
 
@@ -160,10 +165,7 @@ class Guidance:
 
     def combine(self, outputs: list[torch.Tensor]) -> torch.Tensor:
         """Outputs of ``passes`` in the same order -> D_0 + Σ_{i≥1} a_i·(D_i − D_0)."""
-        guided = outputs[0]
-        for weight, output in zip(self.weights[1:], outputs[1:], strict=False):
-            guided = guided + weight * (output - outputs[0])
-        return guided
+        return combine(self.weights[1:], outputs)
 
     def __str__(self) -> str:
         interval = f", t∈[{self.interval[0]:g}, {self.interval[1]:g}]" if self.interval else ""
@@ -231,6 +233,9 @@ def evaluate(
     t_batch = torch.full((x.shape[0],), t, device=x.device, dtype=torch.float32)
     passes = rule.passes(step, num_steps, t)
     model = models[passes[0].model]
+    one_model = all(p.model == passes[0].model for p in passes)
+    if one_model and not model.training and getattr(model, "compile_options", None):
+        return _compiled_step(rule, model, x, t_batch, passes, labels, generator, random_labels)
     if rule.shares_prefix(passes) and hasattr(model, "forward_prefix") and not model.training:
         y = _pass_labels(passes[0], model, labels, random_labels)
         num_blocks = model.shared_prefix_blocks([p.sparsity for p in passes])
@@ -243,6 +248,17 @@ def evaluate(
         y = _pass_labels(p, model, labels, random_labels)
         outputs.append(model(x, t_batch, y, sparsity=p.sparsity, generator=generator))
     return rule.combine(outputs)
+
+
+def _compiled_step(rule, model, x, t_batch, passes, labels, generator, random_labels) -> torch.Tensor:
+    """``evaluate`` for a model with ``compile_core``: the draws eagerly, in the order of the eager
+    path (pass by pass), then every pass and the combination as one compiled call."""
+    ys = [_pass_labels(p, model, labels, random_labels) for p in passes]
+    num_prefix = model.shared_prefix_blocks([p.sparsity for p in passes]) if rule.shares_prefix(passes) else 0
+    keeps = [model.choose_tokens(x.shape[0], p.sparsity, generator, None, x.device, num_prefix) for p in passes]
+    # A tensor, not constants: another scale reuses the graph.
+    weights = torch.tensor(rule.weights[1:], device=x.device, dtype=torch.float32)
+    return model.run(guided_passes, x, t_batch, ys, keeps, num_prefix, weights)
 
 
 # ----------------------------------------------------------------------------- the named rules

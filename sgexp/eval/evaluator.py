@@ -147,7 +147,10 @@ class Evaluator:
         """One results row of ``score_setting``; ``row["grid"]`` is the saved sample grid, if any.
 
         ``setting`` is a built ``Setting`` (``sgexp.evaluate`` validates all of them first) or
-        its mapping ``{rule, scale, gamma_strong, ...}`` (a sweep trial's point), built here."""
+        its mapping ``{rule, scale, gamma_strong, ...}`` (a sweep trial's point), built here.
+        ``progress(n)`` is called after each batch with its size by a caller that shows the
+        pass's progress itself (a sweep's live view); without it the pass shows its own bar or
+        lines (``sgexp.eval.progress``)."""
         return self.score_with_features(name, setting, num_samples, seed, grid, grid_size, progress)[0]
 
     def score_with_features(
@@ -185,6 +188,7 @@ class Evaluator:
             progress=progress,
             labels=labels,
             npz=npz,
+            show_progress=progress is None,  # one display per pass: the caller's, else the pass's own
         )
         images = scored.grid
         if images is not None and grid is not None:

@@ -55,20 +55,52 @@ class RateColumn(ProgressColumn):
 
     def render(self, task) -> Text:
         speed = task.finished_speed or task.speed
+        if speed is None and task.elapsed:  # rich's estimate needs two updates: a one-batch pass has one
+            speed = task.completed / task.elapsed
         return Text("-" if speed is None else f"{speed:.1f} {self.unit}/s", style="progress.data.speed")
 
 
 def format_seconds(seconds: float) -> str:
+    """``1:02:03``; ``?`` for nan (nothing done yet, so no rate)."""
+    if seconds != seconds:
+        return "?"
     seconds = int(round(seconds))
     return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
 
 
-class LineProgress:
-    """The non-terminal display: a log line per tenth done or per 30 s, and one at the end."""
+class Meter:
+    """Items done of a pass of ``total``, its rate and the time left at that rate."""
 
-    def __init__(self, description: str, total: int, unit: str, clock: Callable[[], float] = time.monotonic):
-        self.description, self.total, self.unit, self.clock = description, total, unit, clock
+    def __init__(self, total: int, clock: Callable[[], float] = time.monotonic):
+        self.total, self.clock = total, clock
         self.done, self.start = 0, clock()
+
+    def rate(self, now: float) -> float:
+        """Items per second since the start (nan before any time has passed)."""
+        elapsed = now - self.start
+        return self.done / elapsed if elapsed > 0 else float("nan")
+
+    def seconds_left(self, now: float) -> float:
+        """The rest of the pass at the rate so far (nan while nothing is done)."""
+        rate = self.rate(now)
+        return max(0, self.total - self.done) / rate if rate > 0 else float("nan")
+
+
+class LineProgress(Meter):
+    """The non-terminal display: a log line per tenth done or per 30 s, and one at the end.
+
+    ``extra(rate, seconds_left)``, if given, adds to each line (a sweep adds its study's ETA)."""
+
+    def __init__(
+        self,
+        description: str,
+        total: int,
+        unit: str,
+        clock: Callable[[], float] = time.monotonic,
+        extra: Callable[[float, float], str] | None = None,
+    ):
+        super().__init__(total, clock)
+        self.description, self.unit, self.extra = description, unit, extra
         self.last_time, self.last_tenth = self.start, 0
 
     def advance(self, n: int) -> None:
@@ -80,13 +112,10 @@ class LineProgress:
             self.line(now)
 
     def line(self, now: float) -> None:
-        elapsed = now - self.start
-        rate = self.done / elapsed if elapsed > 0 else float("nan")
-        left = (self.total - self.done) / rate if rate > 0 else float("nan")
-        eta = format_seconds(left) if left == left else "?"  # nan: nothing done yet
+        rate, left = self.rate(now), self.seconds_left(now)
         percent = 100 * self.done / self.total if self.total else 100
         log.info(
-            "%s: %d/%d %s (%.0f%%), %.1f %s/s, elapsed %s, ETA %s",
+            "%s: %d/%d %s (%.0f%%), %.1f %s/s, elapsed %s, ETA %s%s",
             self.description,
             self.done,
             self.total,
@@ -94,8 +123,9 @@ class LineProgress:
             percent,
             rate,
             self.unit,
-            format_seconds(elapsed),
-            eta,
+            format_seconds(now - self.start),
+            format_seconds(left),
+            self.extra(rate, left) if self.extra is not None else "",
         )
 
 

@@ -100,7 +100,8 @@ def sample_and_extract(
     ``labels`` is the label mode (``balanced`` or ``uniform``). With ``npz``, the images
     are appended to this rank's shard of that file (``score_setting`` merges them).
     Rank 0 shows the pass's progress (``sgexp.eval.progress``) unless ``show_progress``
-    is False; ``progress(n)``, if given, is also called after each batch with its size.
+    is False; ``progress(n)``, if given, is also called after each batch with the samples
+    of the whole pass (all ranks) it completed, as the display counts them.
     Without an ``extractor`` only the grid (and timing) is produced; an extractor with
     ``spatial_dim`` also gives sFID's spatial features (``Scored.spatial``).
     """
@@ -147,9 +148,9 @@ def sample_and_extract(
             # Ranks move in step: when rank 0 has index i, the others have those below i + W.
             done = min(num_samples, batch[-1] + world)
             advance(done - shown)
-            shown = done
             if progress is not None:
-                progress(len(batch))
+                progress(done - shown)
+            shown = done
     if writer is not None:
         writer.close()
     dim = getattr(extractor, "dim", 0)

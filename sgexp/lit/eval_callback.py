@@ -8,6 +8,7 @@ from pathlib import Path
 
 import lightning as L
 import torch
+from lightning.pytorch.loggers import MLFlowLogger
 from omegaconf import DictConfig, OmegaConf
 
 from sgexp.checks import check_positive_int
@@ -18,6 +19,7 @@ from sgexp.eval.features import ALIASES
 from sgexp.eval.sampling import Setting, save_grid, score_setting
 from sgexp.eval.scoring import Scoring, classifier_dataset, load_scoring
 from sgexp.eval.settings import make_settings
+from sgexp.run_record import eval_key, eval_metrics, log_image
 
 log = logging.getLogger(__name__)
 CONFIG_KEY = "callbacks.guided_eval"
@@ -26,8 +28,8 @@ CONFIG_KEY = "callbacks.guided_eval"
 class GuidedSamplingEval(L.Callback):
     """Every ``every_n_steps`` (if > 0) and at the end of training, for each setting:
     ``num_samples`` EMA samples on the same indices, metrics prefixed by the setting's
-    name (``eval/sg/fid``, ``eval/sg/gflops_per_sample``, ...) and a sample grid in
-    ``<run_dir>/samples``.
+    name (``eval/sg/fid``, ``eval/sg/gflops_per_sample``, ...; ``sgexp.run_record.eval_metrics``) and a
+    sample grid in ``<run_dir>/samples``, logged as the MLflow image ``eval/sg/samples`` at the step.
 
     ``scoring`` holds the feature extractor with its reference statistics (None, or an
     extractor of None: grids and timing only, e.g. before the dataset's classifier is
@@ -104,15 +106,15 @@ class GuidedSamplingEval(L.Callback):
             row["seconds_per_sample"],
         )
         logger = trainer.logger
-        if logger is not None:
-            logger.log_metrics({f"eval/{setting.name}/{k}": float(v) for k, v in numbers.items()}, step=step)
+        if logger is not None:  # the vocabulary of sgexp.evaluate and sweep trials (sgexp.run_record)
+            logger.log_metrics(eval_metrics(setting.name, numbers), step=step)
         if grid is not None:
             # One column per class: labels are balanced (index i has label i mod num_classes).
             nrow = min(trainer.lightning_module.config.num_classes, 10, len(grid))
             path = save_grid(grid, self.out_dir / f"{setting.name}_step{step:07d}.png", nrow=nrow)
             self.grids.append(path)
-            if logger is not None and hasattr(logger, "run_id"):
-                logger.experiment.log_artifact(logger.run_id, str(path), "samples")
+            if isinstance(logger, MLFlowLogger):  # an MLflow image with its step; the PNG stays in samples/
+                log_image(logger, path, eval_key(setting.name, "samples"), step=step)
 
 
 def ensure_classifier(g: GuidedEvalConfig | DictConfig, data_dir: Path) -> None:

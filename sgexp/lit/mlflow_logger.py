@@ -1,7 +1,9 @@
-"""The Lightning side of MLflow tracking: a logger bound to the run ``sgexp.tracking.open_run`` made."""
+"""The Lightning side of MLflow tracking: a logger bound to the run ``sgexp.tracking.open_run`` made,
+with MLflow's system metrics (CPU, memory, disk, network and, with nvidia-ml-py, GPU) for the run."""
 
 from __future__ import annotations
 
+import logging
 from argparse import Namespace
 from pathlib import Path
 from typing import Any, Literal
@@ -13,14 +15,26 @@ from mlflow.tracking import MlflowClient
 
 from sgexp.tracking import artifact_root_for, check_tracking_uri, flatten_params, log_params, open_run
 
+log = logging.getLogger("sgexp.lit.mlflow_logger")
+
+# Module hyper-parameters that the resolved config already records under another key (seed, model.*,
+# optim.* have the same keys): logged once, under the config's key.
+HPARAM_ALIASES = {"dataset": "data.name"}
+SYSTEM_METRICS_INTERVAL = 10.0  # seconds; MLFLOW_SYSTEM_METRICS_SAMPLING_INTERVAL overrides it (tests: 0.5)
+
 
 class SgexpMLFlowLogger(MLFlowLogger):
     """``MLFlowLogger`` bound to a run made by ``open_run``.
 
     Unlike the stock logger it never calls ``mlflow.set_tracking_uri`` (process-wide state that also
     sets ``MLFLOW_TRACKING_URI`` for every later client and subprocess), never creates a run, and logs
-    hyper-parameters idempotently (a resumed run with a changed value gets a tag instead of a crash).
+    hyper-parameters once and idempotently: with the config's dotted keys, so the module's ``optim.lr``
+    is the config's ``optim.lr`` (not a second ``optim/lr``), only keys the run lacks are added (the
+    network's resolved ``model.depth``...), and a resumed run with a changed value gets a tag instead of a
+    crash (``sgexp.tracking.log_params``).
     """
+
+    _system_monitor = None
 
     @property
     @rank_zero_experiment
@@ -37,11 +51,40 @@ class SgexpMLFlowLogger(MLFlowLogger):
     @rank_zero_only
     def log_hyperparams(self, params: dict[str, Any] | Namespace) -> None:
         params = vars(params) if isinstance(params, Namespace) else params
-        log_params(self.experiment, self.run_id, flatten_params(params, sep="/"))
+        flat = flatten_params(params)
+        log_params(self.experiment, self.run_id, {HPARAM_ALIASES.get(k, k): v for k, v in flat.items()})
+
+    def start_system_metrics(self, interval: float = SYSTEM_METRICS_INTERVAL) -> bool:
+        """Record MLflow's system metrics (``system/cpu_utilization_percentage``,
+        ``system/system_memory_usage_megabytes``, ``system/gpu_0_utilization_percentage`` with nvidia-ml-py,
+        ...) every ``interval`` seconds until ``finalize``; a resumed run continues their steps. Needs psutil;
+        without it, a warning and False. Call on global rank zero (``make_logger`` does)."""
+        if self._run_id is None or self._system_monitor is not None:
+            return self._system_monitor is not None
+        try:
+            import psutil  # noqa: F401  (MLflow's CPU monitor needs it; its import error would come later)
+        except ImportError:
+            log.warning("no system metrics for run %s: psutil is not installed", self._run_id)
+            return False
+        from mlflow.system_metrics.system_metrics_monitor import SystemMetricsMonitor
+
+        self._system_monitor = SystemMetricsMonitor(
+            self._run_id, sampling_interval=interval, resume_logging=True, tracking_uri=self._tracking_uri
+        )
+        self._system_monitor.start()
+        return True
+
+    def __getstate__(self) -> dict:
+        """A copy (pickled for spawned processes) does not take the monitor's thread along."""
+        return {**super().__getstate__(), "_system_monitor": None}
 
     @rank_zero_only
     def finalize(self, status: str = "success") -> None:
-        """Ends the run even if nothing was logged (``open_run`` set it RUNNING)."""
+        """Stops the system metrics (their last values are flushed while the run still runs), then ends the
+        run even if nothing was logged (``open_run`` set it RUNNING)."""
+        if self._system_monitor is not None:
+            self._system_monitor.finish()
+            self._system_monitor = None
         if self._run_id is not None:
             _ = self.experiment
         super().finalize(status)
@@ -55,17 +98,19 @@ def make_logger(
     artifact_root: str | None = None,
     log_model: Literal[True, False, "all"] = False,
     tags: dict[str, Any] | None = None,
+    system_metrics: bool = True,
 ) -> SgexpMLFlowLogger:
     """A Lightning ``MLFlowLogger`` for the run of ``run_dir`` (see ``open_run``).
 
     Checks the URI on every rank (fails fast if a server is down); only global rank zero opens the
-    run, other ranks get a logger that Lightning keeps silent. ``log_model`` is Lightning's.
+    run, and there ``system_metrics`` (``logger.system_metrics``) starts MLflow's system metrics monitor;
+    other ranks get a logger that Lightning keeps silent. ``log_model`` is Lightning's.
     """
     check_tracking_uri(tracking_uri)
     run_id = None
     if rank_zero_only.rank == 0:
         run_id = open_run(run_dir, tracking_uri, experiment, run_name, artifact_root, tags)
-    return SgexpMLFlowLogger(
+    logger = SgexpMLFlowLogger(
         experiment_name=experiment,
         run_name=run_name,
         tracking_uri=tracking_uri,
@@ -73,3 +118,6 @@ def make_logger(
         artifact_location=artifact_root_for(tracking_uri, artifact_root),
         run_id=run_id,
     )
+    if run_id is not None and system_metrics:
+        logger.start_system_metrics()
+    return logger

@@ -8,6 +8,9 @@ that stop a diverging run.
 
 from __future__ import annotations
 
+import logging
+import statistics
+import time
 from collections.abc import Mapping
 from dataclasses import asdict, fields
 from typing import Any
@@ -15,13 +18,16 @@ from typing import Any
 import lightning as L
 import torch
 
-from sgexp.config import OptimConfig
+from sgexp.config import OptimConfig, use_compile
 from sgexp.diffusion.flow import FlowMatching
 from sgexp.diffusion.seeds import index_seed
 from sgexp.lit.ema import EMA
 from sgexp.models.dit import DiT, DiTConfig
 
 OPTIM_FIELDS = tuple(f.name for f in fields(OptimConfig))
+LEGACY_OPTIM_KEYS = ("compile",)
+WARM_STEPS = 5  # steps after the first whose median is the steady step time (compile_s)
+log = logging.getLogger(__name__)
 
 
 class NonFiniteLossError(RuntimeError):
@@ -35,6 +41,11 @@ def optim_config(optim: OptimConfig | Mapping[str, Any] | None, flat: Mapping[st
     (hyper-parameters ``lr=..., betas=..., ema_decay=...`` beside ``model``), folded in so that
     ``load_from_checkpoint`` still rebuilds those runs with their own settings.
     """
+    # ``compile`` moved to ``trainer.compile`` (a property of the run, not of the optimizer); checkpoints
+    # written before still carry it, under ``optim`` or flat: it is dropped, training compiles as trainer says.
+    flat = {k: v for k, v in flat.items() if k not in LEGACY_OPTIM_KEYS}
+    if optim is not None and not isinstance(optim, OptimConfig):
+        optim = {k: v for k, v in dict(optim).items() if k not in LEGACY_OPTIM_KEYS}
     unknown = sorted(set(flat) - set(OPTIM_FIELDS))
     if unknown:
         raise TypeError(f"FlowMatchingModule got unexpected arguments {unknown}")
@@ -50,7 +61,9 @@ class FlowMatchingModule(L.LightningModule):
 
     ``model`` is a ``DiTConfig.to_dict()``; ``optim`` an ``OptimConfig`` (or its fields as a mapping;
     None: the defaults); ``seed`` seeds every training step (``step_generator``); ``dataset`` names the
-    prepared dataset it was trained on, so evaluation finds its reference data. The hyper-parameters are
+    prepared dataset it was trained on, so evaluation finds its reference data. ``compile`` and
+    ``compile_mode``: ``trainer.compile``/``compile_mode`` (``sgexp.config.use_compile``), resolved for the
+    device when fitting starts; they are not hyper-parameters (a checkpoint loads either way). The hyper-parameters are
     stored as plain data (``optim`` as a dict), so ``FlowMatchingModule.load_from_checkpoint(path)``
     rebuilds the network with torch's ``weights_only`` loading; ``**flat`` accepts the optimizer keys of
     checkpoints written before ``optim`` was one argument (``optim_config``).
@@ -62,9 +75,14 @@ class FlowMatchingModule(L.LightningModule):
         optim: OptimConfig | Mapping[str, Any] | None = None,
         seed: int = 0,
         dataset: str | None = None,
+        compile: bool | str | None = None,
+        compile_mode: str = "default",
         **flat: Any,
     ):
         super().__init__()
+        use_compile(compile, compile_mode, "cpu")  # a bad value fails here, before any training
+        self.compile_setting, self.compile_mode = compile, compile_mode
+        self._step_times: list[float] | None = None
         self.optim = optim_config(optim, flat)
         hparams = {"model": dict(model), "optim": asdict(self.optim), "seed": seed, "dataset": dataset}
         self.save_hyperparameters(hparams)
@@ -72,8 +90,40 @@ class FlowMatchingModule(L.LightningModule):
         self.model = DiT(self.config)
         self.ema = EMA(self.model, self.optim.ema_decay, self.optim.ema_warmup)
         self.objective = FlowMatching(self.optim.t_mean, self.optim.t_std)
-        if self.optim.compile:
-            self.model.compile()  # in place: state_dict keys are unchanged
+
+    def on_fit_start(self) -> None:
+        """Compile the network (and its EMA copy, for validation and sampling) if ``compile`` says so here."""
+        if not use_compile(self.compile_setting, self.compile_mode, self.device.type):
+            return
+        for model in (self.model, self.ema.model):
+            model.compile_core(mode=self.compile_mode)
+        self._step_times = []
+        log.info("torch.compile on (mode %s): the first step compiles the network", self.compile_mode)
+
+    def on_train_batch_start(self, batch: Any, batch_idx: int) -> None:
+        if self._step_times is not None:
+            self._sync()
+            self._step_start = time.perf_counter()
+
+    def on_train_batch_end(self, outputs: Any, batch: Any, batch_idx: int) -> None:
+        """With compile on: ``train/compile_s``, once, = first step − median of the next ``WARM_STEPS``
+        (the compile and whatever else the first step pays once; validation's graph compiles later)."""
+        if self._step_times is None:
+            return
+        self._sync()
+        self._step_times.append(time.perf_counter() - self._step_start)
+        if len(self._step_times) == WARM_STEPS + 1:
+            first, *steady = self._step_times
+            step_s = statistics.median(steady)
+            self.log("train/compile_s", first - step_s, rank_zero_only=True)
+            log.info(
+                "compile: first step %.1f s, then %.3f s per step: %.1f s to compile", first, step_s, first - step_s
+            )
+            self._step_times = None
+
+    def _sync(self) -> None:
+        if self.device.type == "cuda":
+            torch.cuda.synchronize(self.device)
 
     def step_generator(self, batch_idx: int) -> torch.Generator:
         """All randomness of a training step (t, ε, routing masks, label dropout) comes from a

@@ -22,16 +22,16 @@ import torch
 from torch import nn
 
 from sgexp.checks import check_choice, check_positive_int, check_sparsity, fail
+from sgexp.models.compiled import compiled
 from sgexp.models.layers import DiTBlock, FinalLayer, LabelEmbedder, PatchEmbed, TimestepEmbedder, sincos_2d
 from sgexp.models.routing import (
     Generators,
     Route,
-    check_keep,
     check_routes,
+    choose_tokens,
     kept_tokens,
     resolve_sparsity,
     route,
-    select_tokens,
     unroute,
 )
 
@@ -215,6 +215,7 @@ class DiT(nn.Module):
         self.register_buffer("pos_embed", table[None], persistent=stored)
         self.blocks = nn.ModuleList(DiTBlock(D, config.num_heads, config.mlp_ratio) for _ in range(config.depth))
         self.final_layer = FinalLayer(D, config.patch_size, config.in_channels)
+        self.compile_options: dict | None = None  # set by compile_core
         self.initialize_weights()
 
     @property
@@ -276,8 +277,14 @@ class DiT(nn.Module):
         routing masks (and label dropout in training mode). ``keep``: the kept
         tokens themselves, one ``(B, K_r)`` index tensor per route, processed in
         that order (exact comparisons and analysis); it replaces ``sparsity``.
+
+        The random draws (label dropout, then each route's kept tokens, in block
+        order) run eagerly; the tensor computation is ``denoise``, a pure function
+        of tensors with static shapes that ``compile_core`` hands to torch.compile.
         """
-        return self.forward_suffix(self.forward_prefix(x, t, y, 0, generator), sparsity, generator, keep)
+        y = self.y_embedder.drop(y, generator)
+        keep = self.choose_tokens(x.shape[0], sparsity, generator, keep, x.device)
+        return self.run(denoise, x, self.batch_times(t, x), y, keep)
 
     def forward_prefix(
         self, x: torch.Tensor, t: torch.Tensor | float, y: torch.Tensor, num_blocks: int, generator: Generators = None
@@ -292,14 +299,8 @@ class DiT(nn.Module):
         """
         if isinstance(num_blocks, bool) or not isinstance(num_blocks, int) or not 0 <= num_blocks <= self.config.depth:
             raise fail("num_blocks", num_blocks, f"must be an integer in [0, depth={self.config.depth}]")
-        B = x.shape[0]
-        t = torch.as_tensor(t, device=x.device).expand(B) if not torch.is_tensor(t) or t.ndim == 0 else t
-        if self.config.time_reversed:
-            t = 1 - t
-        tokens = self.x_embedder(x) + self.pos_embed  # (B, N, D)
-        c = self.t_embedder(t) + self.y_embedder(y, generator)  # (B, D)
-        for i in range(num_blocks):
-            tokens = self.blocks[i](tokens, c)
+        y = self.y_embedder.drop(y, generator)
+        tokens, c = self.run(embed_prefix, x, self.batch_times(t, x), y, num_blocks)
         return Prefix(tokens, c, num_blocks)
 
     def forward_suffix(
@@ -316,37 +317,79 @@ class DiT(nn.Module):
         prefix ran densely. ``prefix`` is not modified, so it can feed several
         suffixes (one per guidance branch).
         """
-        x, c = prefix.tokens, prefix.c
-        B, N = x.shape[0], self.config.num_tokens
-        if keep is not None:
-            keep = check_keep(keep, self.routes, B, N, x.device)
-            active = {r.start: (r, idx) for r, idx in zip(self.routes, keep, strict=True)}
-        else:
-            gammas = resolve_sparsity(self.routes, sparsity, self.training)
-            # Routes that drop at least one token; γ=0 leaves the dense path untouched.
-            active = {r.start: (r, kept_tokens(N, g)) for r, g in zip(self.routes, gammas, strict=True)}
-            active = {s: (r, k) for s, (r, k) in active.items() if k < N}
-        if active and min(active) < prefix.num_blocks:
-            raise fail(
-                "prefix.num_blocks",
-                prefix.num_blocks,
-                f"the prefix ran block {min(active)} densely but sparsity={sparsity} routes it",
-            )
-        full = idx = None
-        for i in range(prefix.num_blocks, self.config.depth):
-            if i in active:
-                r, kept = active[i]
-                idx = kept if torch.is_tensor(kept) else select_tokens(B, N, kept, generator, device=x.device)
-                full, x = x, route(x, idx)  # (B, K, D)
-            x = self.blocks[i](x, c)
-            if full is not None and i == r.end:
-                x, full = unroute(full, x, idx), None  # (B, N, D)
-        x = self.unpatchify(self.final_layer(x, c))  # (B, N, p·p·C) -> (B, C, H, W)
-        return -x if self.config.output_sign < 0 else x
+        x = prefix.tokens
+        keep = self.choose_tokens(x.shape[0], sparsity, generator, keep, x.device, prefix.num_blocks)
+        return self.run(run_suffix, x, prefix.c, prefix.num_blocks, keep)
+
+    # ------------------------------------------------------------------ eager draws, pure compute
+
+    @staticmethod
+    def batch_times(t: torch.Tensor | float, x: torch.Tensor) -> torch.Tensor:
+        """t as a (B,) tensor: a number or a 0-d tensor is broadcast over the batch."""
+        if torch.is_tensor(t) and t.ndim > 0:
+            return t
+        return torch.as_tensor(t, device=x.device).expand(x.shape[0])
+
+    def choose_tokens(
+        self,
+        batch: int,
+        sparsity: float | Sequence[float] | None = None,
+        generator: Generators = None,
+        keep: Sequence[torch.Tensor] | None = None,
+        device: torch.device | None = None,
+        first_block: int = 0,
+    ) -> tuple[torch.Tensor | None, ...]:
+        """The kept tokens of every route, drawn eagerly (``sgexp.models.routing.choose_tokens``)."""
+        N, training = self.config.num_tokens, self.training
+        return choose_tokens(self.routes, N, batch, sparsity, training, generator, keep, device, first_block)
+
+    def compile_core(self, backend: str | None = "inductor", mode: str | None = None) -> DiT:
+        """Run the tensor computation through ``torch.compile`` from now on (``backend=None``: eager
+        again). The random draws stay eager, so a step stays reproducible; the weights and the
+        state dict are unchanged, and copies (the EMA) inherit the setting."""
+        self.compile_options = None if backend is None else {"backend": backend, "mode": mode}
+        return self
+
+    def run(self, fn, *args):
+        """``fn(self, *args)``, through its compiled version when ``compile_core`` asked for one."""
+        return (compiled(fn, **self.compile_options) if self.compile_options else fn)(self, *args)
 
     def shared_prefix_blocks(self, sparsities: Sequence[float | Sequence[float]]) -> int:
         """Blocks that passes at these γ can share (see ``DiTConfig.shared_prefix_blocks``)."""
         return self.config.shared_prefix_blocks(sparsities)
+
+
+def embed_prefix(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, num_blocks: int):
+    """Tokens after blocks ``[0, num_blocks)`` and the conditioning c (labels already dropped)."""
+    if model.config.time_reversed:
+        t = 1 - t
+    tokens = model.x_embedder(x) + model.pos_embed  # (B, N, D)
+    c = model.t_embedder(t) + model.y_embedder.table(y)  # (B, D)
+    for i in range(num_blocks):
+        tokens = model.blocks[i](tokens, c)
+    return tokens, c
+
+
+def run_suffix(model: DiT, x: torch.Tensor, c: torch.Tensor, num_blocks: int, keep) -> torch.Tensor:
+    """Blocks ``[num_blocks, depth)`` and the output layer; a route runs on its ``keep`` indices
+    (``None``: dense). Shapes depend only on the index tensors' shapes: one graph per kept count."""
+    starts = {r.start: (r, idx) for r, idx in zip(model.routes, keep, strict=True) if idx is not None}
+    full = idx = end = None
+    for i in range(num_blocks, model.config.depth):
+        if i in starts:
+            r, idx = starts[i]
+            full, x, end = x, route(x, idx), r.end  # (B, K, D)
+        x = model.blocks[i](x, c)
+        if full is not None and i == end:
+            x, full = unroute(full, x, idx), None  # (B, N, D)
+    x = model.unpatchify(model.final_layer(x, c))  # (B, N, p·p·C) -> (B, C, H, W)
+    return -x if model.config.output_sign < 0 else x
+
+
+def denoise(model: DiT, x: torch.Tensor, t: torch.Tensor, y: torch.Tensor, keep) -> torch.Tensor:
+    """The whole network on given draws: x (B, C, H, W), t (B,), dropped labels (B,), kept tokens per route."""
+    tokens, c = embed_prefix(model, x, t, y, 0)
+    return run_suffix(model, tokens, c, 0, keep)
 
 
 def build_model(name: str, **kwargs) -> DiT:

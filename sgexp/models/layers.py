@@ -96,17 +96,25 @@ class LabelEmbedder(nn.Module):
     def null_label(self) -> int:
         return self.num_classes
 
+    def drop(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
+        """Labels after dropout (training mode only; the labels themselves otherwise).
+
+        ``generator``: one for the batch or one per image. A separate step from the lookup
+        so that the draw stays outside a compiled region (``sgexp.models.compiled``).
+        """
+        if not (self.training and self.dropout_prob > 0):
+            return labels
+        if generator is None or isinstance(generator, torch.Generator):
+            device = generator.device if generator is not None else labels.device
+            u = torch.rand(labels.shape, generator=generator, device=device)
+        else:
+            u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
+        drop = u.to(labels.device) < self.dropout_prob
+        return torch.where(drop, torch.full_like(labels, self.null_label), labels)
+
     def forward(self, labels: torch.Tensor, generator=None) -> torch.Tensor:
-        """labels (B,) -> (B, D). ``generator``: one for the batch or one per image (dropout draws)."""
-        if self.training and self.dropout_prob > 0:
-            if generator is None or isinstance(generator, torch.Generator):
-                device = generator.device if generator is not None else labels.device
-                u = torch.rand(labels.shape, generator=generator, device=device)
-            else:
-                u = torch.cat([torch.rand(1, generator=g, device=g.device) for g in generator])
-            drop = u.to(labels.device) < self.dropout_prob
-            labels = torch.where(drop, torch.full_like(labels, self.null_label), labels)
-        return self.table(labels)
+        """labels (B,) -> (B, D), after ``drop``."""
+        return self.table(self.drop(labels, generator))
 
 
 class Attention(nn.Module):

@@ -136,6 +136,44 @@ def select_tokens(
     return idx.to(device)
 
 
+def choose_tokens(
+    routes: Sequence[Route],
+    num_tokens: int,
+    batch: int,
+    sparsity: float | Sequence[float] | None,
+    training: bool,
+    generator: Generators = None,
+    keep: Sequence[torch.Tensor] | None = None,
+    device: torch.device | None = None,
+    first_block: int = 0,
+) -> tuple[torch.Tensor | None, ...]:
+    """The kept tokens of every route of one pass, drawn (or checked, if ``keep`` is given)
+    before the network runs: a ``(B, K_r)`` index tensor per route, ``None`` for a route
+    that keeps every token (the dense path, untouched). Draws run in block order, the
+    order the eager forward pass always used, so the masks do not depend on whether the
+    network is compiled. ``first_block``: a prefix ran the blocks before it densely."""
+    if keep is not None:
+        keep = check_keep(keep, routes, batch, num_tokens, device)
+        counts = [idx.shape[1] for idx in keep]
+    else:
+        counts = [kept_tokens(num_tokens, g) for g in resolve_sparsity(routes, sparsity, training)]
+    # Routes that drop at least one token (or are given indices); γ=0 leaves the dense path untouched.
+    active = [keep is not None or k < num_tokens for k in counts]
+    early = [r.start for r, a in zip(routes, active, strict=True) if a and r.start < first_block]
+    if early:
+        raise fail(
+            "prefix.num_blocks",
+            first_block,
+            f"the prefix ran block {min(early)} densely but sparsity={sparsity} routes it",
+        )
+    if keep is not None:
+        return keep
+    return tuple(
+        select_tokens(batch, num_tokens, k, generator, device=device) if a else None
+        for k, a in zip(counts, active, strict=True)
+    )
+
+
 def check_keep(
     keep: Sequence[torch.Tensor], routes: Sequence[Route], batch: int, num_tokens: int, device: torch.device
 ) -> tuple[torch.Tensor, ...]:

@@ -9,7 +9,8 @@
 - ``driver``: workers, the ask/tell loop, the study from start to report;
 - ``fidelity``: re-evaluation of the finalists on more samples, paired intervals between them;
 - ``array``: workers as a SLURM job array;
-- ``progress``: the live table and the final Pareto table;
+- ``progress``: the live view (trials, Pareto set, the running pass with samples/s and the study's ETA) and the
+  final Pareto table;
 - ``report`` (and ``plots``): Pareto plots, hypervolume, heatmaps, ``summary.json``;
 - ``dashboard``: a stored study in optuna-dashboard (``python -m sgexp.sweeps dashboard``).
 """

@@ -24,6 +24,7 @@ import optuna
 from rich.console import Console
 from rich.logging import RichHandler
 
+from sgexp.sweeps.storage import shown_url
 from sgexp.sweeps.study import available_studies, load_study
 
 
@@ -98,7 +99,7 @@ def main(argv: list[str] | None = None) -> dict:
     if args.slurm_array is not None and args.workers != 1:
         raise ValueError(f"--workers={args.workers} is invalid with --slurm-array: each array task is one worker")
     console = Console(stderr=True)
-    handler = RichHandler(console=console, show_path=False)
+    handler = log_handler(console)
     logger = logging.getLogger("sgexp")
     logger.addHandler(handler)
     logger.setLevel(logging.INFO)
@@ -118,10 +119,20 @@ def main(argv: list[str] | None = None) -> dict:
             cfg = load_study(args.study, overrides(args))
             with LiveProgress(console) as progress:
                 summary = driver.run_study(cfg, args.storage, args.workers, args.tracking_uri, progress)
-        print_summary(summary, Console())
+        print_summary(summary, Console(soft_wrap=True))  # paths and URLs on one line, also in a log file
         return summary
     finally:
         logger.removeHandler(handler)
+
+
+def log_handler(console: Console) -> logging.Handler:
+    """Rich's handler on a terminal; in a log file one plain line per record, as Rich would wrap a long
+    progress line (``sgexp.sweeps.progress``) over several at its default width of 80 columns."""
+    if console.is_terminal:
+        return RichHandler(console=console, show_path=False)
+    handler = logging.StreamHandler(console.file)
+    handler.setFormatter(logging.Formatter("%(asctime)s %(levelname)s %(message)s", "%H:%M:%S"))
+    return handler
 
 
 def submit_array(args: argparse.Namespace, console: Console) -> dict | None:
@@ -138,9 +149,9 @@ def submit_array(args: argparse.Namespace, console: Console) -> dict | None:
     if session.tracker is not None:  # the parent waits for the array, not for this command (tracker.py)
         session.tracker.set_driver(f"slurm-array:{job_id}")
     console.print(f"submitted SLURM array {job_id} ({args.slurm_array} workers): {script}")
-    console.print(f"  storage {session.storage_url}    queue: squeue -j {job_id}")
+    console.print(f"  storage {shown_url(session.storage_url)}    queue: squeue -j {job_id}")
     if not args.wait:
-        report = f"python -m sgexp.sweeps --study {args.study} --storage {session.storage_url} --report"
+        report = f"python -m sgexp.sweeps --study {args.study} --storage {shown_url(session.storage_url)} --report"
         console.print(f"  report any time: {report}")
         return None
     slurm.wait(job_id, args.wait_timeout, on_poll=ArrayProgress(console, args.slurm_array, session.study))

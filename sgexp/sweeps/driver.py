@@ -26,6 +26,7 @@ writers; clusters with many workers should use an MLflow server (``--tracking-ur
 
 from __future__ import annotations
 
+import contextlib
 import json
 import logging
 import math
@@ -49,6 +50,7 @@ from sgexp import tracking
 from sgexp.checks import check_positive_int, fail
 from sgexp.eval.evaluator import Evaluator, load_evaluator
 from sgexp.sweeps.fidelity import METRICS, final_view, finalists, reevaluate_pareto
+from sgexp.sweeps.progress import LiveProgress, label
 from sgexp.sweeps.report import pareto_table, write_report
 from sgexp.sweeps.space import SearchSpace, describe, enqueue_baselines, make_sampler, normalise_setting, process_seed
 from sgexp.sweeps.storage import (
@@ -61,6 +63,7 @@ from sgexp.sweeps.storage import (
     reap_stale,
     release,
     setup_lock,
+    shown_url,
 )
 from sgexp.sweeps.study import check_resume, name_objectives
 from sgexp.sweeps.tracker import Tracker
@@ -84,8 +87,9 @@ class Worker:
     tracker: Tracker | None
     out_dir: Path
     name: str = field(default_factory=lambda: f"{socket.gethostname()}:{os.getpid()}")  # "worker" attr
+    progress: LiveProgress | None = None  # the driver's view, when the driver runs the trials itself
 
-    def loop(self, on_trial=None) -> int:
+    def loop(self) -> int:
         """ask -> score -> tell until ``n_trials`` trials are finished; returns how many this worker ran.
 
         Retries of trials whose worker died run even past the budget (they replace a lost trial), and a
@@ -103,8 +107,8 @@ class Worker:
                 continue
             self.run_trial(self.study.ask())
             ran += 1
-            if on_trial is not None:
-                on_trial(self.study)
+            if self.progress is not None:
+                self.progress(self.study)
 
     def run_trial(self, trial: optuna.Trial) -> None:
         cfg, study = self.cfg, self.study
@@ -151,9 +155,13 @@ class Worker:
             trial.set_user_attr("mlflow_run_id", run_id)
         _test_kill_hook(setting)
         grid = self.out_dir / "trials" / f"trial-{trial.number:04d}.png" if cfg.grid_size else None
-        row = self.evaluator.score(
-            f"trial-{trial.number}", setting, cfg.samples_per_trial, cfg.seed, grid, cfg.grid_size
-        )
+        shown = contextlib.nullcontext()  # no view (a worker process): the pass shows its own, in the worker's log
+        if self.progress is not None:
+            shown = self.progress.track(self.study, f"trial {trial.number} {label(attrs)}", cfg.samples_per_trial)
+        with shown as advance:
+            row = self.evaluator.score(
+                f"trial-{trial.number}", setting, cfg.samples_per_trial, cfg.seed, grid, cfg.grid_size, advance
+            )
         if not math.isfinite(row.get("fid", math.nan)):
             raise FloatingPointError(f"non-finite FID {row.get('fid')!r} for {setting}")
         recorded = {k: int(row[k]) if k == "num_samples" else float(row[k]) for k in RECORDED if k in row}
@@ -215,7 +223,7 @@ def start(cfg: DictConfig, storage_url: str | None = None, tracking_uri: str | N
             "metric": evaluator.metric,
             "samples_per_trial": cfg.samples_per_trial,
             "final_samples": cfg.final_samples,
-            "storage": storage_url,
+            "storage": shown_url(storage_url),  # study attribute: never a password
             "tracking_uri": tracking_uri,
         }
         for key, value in attrs.items():
@@ -235,15 +243,15 @@ def run_study(
 ) -> dict:
     """Run (or resume) the study until its budget is met, re-score the Pareto set, write the report.
 
-    ``progress(study)`` is called after each trial (one worker) or every second (several).
+    ``progress`` (``sgexp.sweeps.progress.LiveProgress``) is called after each trial (one worker) or every
+    second (several); with one worker it also shows each sampling pass batch by batch (``progress.track``).
     """
     check_positive_int("workers", workers)
     session = start(cfg, storage_url, tracking_uri)
     try:
         if workers == 1:
-            space = SearchSpace(session.cfg)
-            worker = Worker(session.cfg, session.study, space, session.evaluator, session.tracker, session.out_dir)
-            worker.loop(progress)
+            s = session
+            Worker(s.cfg, s.study, SearchSpace(s.cfg), s.evaluator, s.tracker, s.out_dir, progress=progress).loop()
         else:
             run_workers(session, workers, progress)
     except BaseException:  # Ctrl-C or a crash: the parent run says so (a resume sets it RUNNING again)
@@ -256,7 +264,7 @@ def run_study(
             f"study {cfg.name}: only {n['done']} of {cfg.n_trials} trials finished (workers died?): see "
             f"{session.out_dir / 'workers'}; re-run the same command to resume"
         )
-    return finish(session)
+    return finish(session, progress)
 
 
 def run_workers(session: Session, workers: int, progress=None) -> None:
@@ -294,6 +302,11 @@ def worker_main(
     plain_cfg: dict, storage_url: str, tracking_uri: str | None, k: int, workers: int, parent: int, log_file: str
 ) -> None:
     """Entry of a spawned worker: log to ``log_file``, load once, loop; exits if the driver dies."""
+    # stdout and stderr too: a stray print or a progress bar on the driver's terminal would tear its live view,
+    # and off a terminal each sampling pass writes lines (sgexp.eval.progress) into this worker's log
+    with open(log_file, "ab", buffering=0) as out:
+        os.dup2(out.fileno(), 1)
+        os.dup2(out.fileno(), 2)
     logging.basicConfig(
         filename=log_file, level=logging.INFO, force=True, format=f"%(asctime)s worker {k} %(name)s: %(message)s"
     )
@@ -328,11 +341,12 @@ def _exit_with_parent(parent: int) -> None:
     os._exit(3)
 
 
-def finish(session: Session) -> dict:
-    """Re-score the Pareto set (if an evaluator is loaded), write the report, end the parent run."""
+def finish(session: Session, progress: LiveProgress | None = None) -> dict:
+    """Re-score the Pareto set (if an evaluator is loaded; shown by ``progress``, if given), write the
+    report, end the parent run."""
     study, cfg = session.study, session.cfg
     if session.evaluator is not None:
-        reevaluate_pareto(study, cfg, session.evaluator, session.tracker, session.out_dir)
+        reevaluate_pareto(study, cfg, session.evaluator, session.tracker, session.out_dir, progress)
     view = final_view(study)
     report_dir = session.out_dir / "report"
     parent = study.user_attrs.get("mlflow_parent_run_id")
@@ -341,7 +355,7 @@ def finish(session: Session) -> dict:
         session.tracker.end_parent()
     return {
         "study": study.study_name,
-        "storage": session.storage_url,
+        "storage": shown_url(session.storage_url),
         "view": view,
         "pareto": pareto_table(view),
         "report": files,

@@ -16,6 +16,7 @@ copy of the study whose trials carry their final results (the trial record of ``
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import os
 from pathlib import Path
@@ -59,22 +60,28 @@ def reevaluate_pareto(
     evaluator: Evaluator,
     tracker: Tracker | None = None,
     out_dir: Path | None = None,
+    progress=None,
 ) -> list[int]:
     """Score every finalist without a final result on ``final_samples`` samples, then (with ``out_dir``,
     where the features are kept, and ``cfg.bootstrap`` > 0) the paired FID intervals of all finalists
-    whose features are at hand. Returns the numbers of the trials scored now."""
+    whose features are at hand. Returns the numbers of the trials scored now. ``progress``: the driver's
+    view (``sgexp.sweeps.progress.LiveProgress``), which then shows each pass; else each shows its own."""
     if not cfg.final_samples:
         return []
     features_dir = Path(out_dir) / FEATURES_DIR if out_dir is not None else None
     done = []
-    for trial in finalists(study):
+    todo = [t for t in finalists(study) if f"final/{t.number}" not in study.user_attrs]
+    for k, trial in enumerate(todo):
         key = f"final/{trial.number}"
-        if key in study.user_attrs:
-            continue
         setting = trial.user_attrs["setting"]
-        row, features = evaluator.score_with_features(
-            f"trial-{trial.number}-final", setting, cfg.final_samples, cfg.seed, None, 0
-        )
+        shown = contextlib.nullcontext()
+        if progress is not None:
+            name = f"final {k + 1}/{len(todo)}: trial {trial.number}"
+            shown = progress.track(study, name, cfg.final_samples, passes_after=len(todo) - k - 1)
+        with shown as advance:
+            row, features = evaluator.score_with_features(
+                f"trial-{trial.number}-final", setting, cfg.final_samples, cfg.seed, None, 0, advance
+            )
         if features_dir is not None:
             _save(features_dir / f"trial-{trial.number}.npy", features["fid"])
         final = {f"{k}_final": float(row[k]) for k in METRICS if k in row}

@@ -1,23 +1,30 @@
-"""What the driving process shows: a live table of recent trials and the current Pareto set, then the
-final Pareto table; while ``--slurm-array K --wait`` waits, one line per change of the array's tasks
-(queued, running, finished) or of the study's trials, and at least one per ``period`` (a log file is not
-silent for hours while jobs queue). Worker processes only write log lines."""
+"""What the driving process shows: a live table of recent trials and the current Pareto set, with the
+sampling pass running now (samples/s, ETA of the trial and of the study; log lines instead when the
+console is not a terminal), then the final Pareto table; while ``--slurm-array K --wait`` waits, one line
+per change of the array's tasks (queued, running, finished) or of the study's trials, and at least one per
+``period`` (a log file is not silent for hours while jobs queue). Worker processes only write log lines."""
 
 from __future__ import annotations
 
 import math
 import time
 from collections import Counter
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any
 
 import optuna
 from optuna.trial import FrozenTrial, TrialState
 from rich.console import Console, Group
 from rich.live import Live
+from rich.progress_bar import ProgressBar
 from rich.table import Table
 
 from sgexp import tracking
 from sgexp.diffusion.guidance import RULES
+from sgexp.eval.progress import LineProgress, Meter, format_seconds
+from sgexp.sweeps.fidelity import finalists
 from sgexp.sweeps.report import pareto_trials
 from sgexp.sweeps.storage import counts, is_counted_fail
 
@@ -62,21 +69,114 @@ def render(study: optuna.Study, recent: int = 8) -> Group:
     return Group(trials_table(started[-recent:], title), trials_table(pareto_trials(study), "Pareto set (screening)"))
 
 
-class LiveProgress:
-    """``with LiveProgress(console) as progress: ... progress(study)`` redraws the tables."""
+@dataclass(frozen=True)
+class Outlook:
+    """What the study still has to run after the sampling pass now running: the study's ETA."""
 
-    def __init__(self, console: Console | None = None):
-        self.live = Live(console=console, refresh_per_second=2, transient=True)
+    trials: int  # screening trials after this one
+    trial_seconds: float  # mean wall time of a finished screening trial; nan: none yet (the pass's own time)
+    finals: int  # finalists to re-score on ``final_samples`` after this pass
+    final_samples: int
+
+    @classmethod
+    def of(cls, study: optuna.Study, samples: int) -> Outlook:
+        """During screening: the trials left of the budget and the finalists of today's Pareto set (an
+        estimate: the set changes as trials finish). Reads the storage once per pass, not per batch."""
+        n, attrs = counts(study), study.user_attrs
+        budget = attrs.get("config", {}).get("n_trials") or 0
+        finished = study.get_trials(deepcopy=False, states=(TrialState.COMPLETE,))
+        seconds = [
+            t.duration.total_seconds() for t in finished if t.duration and t.user_attrs.get("num_samples") == samples
+        ]
+        final_samples = attrs.get("final_samples") or 0
+        finals = sum(f"final/{t.number}" not in attrs for t in finalists(study)) if final_samples else 0
+        mean = sum(seconds) / len(seconds) if seconds else math.nan
+        return cls(max(0, budget - n["done"] - n["running"]), mean, finals, final_samples)
+
+    def seconds(self, samples: int, rate: float) -> float:
+        """Seconds of everything after a pass of ``samples`` running at ``rate`` samples/s (nan: no rate yet)."""
+        if not rate > 0:
+            return math.nan
+        trial = self.trial_seconds if math.isfinite(self.trial_seconds) else samples / rate
+        return self.trials * trial + self.finals * self.final_samples / rate
+
+    def describe(self) -> str:
+        parts = [f"{self.trials} more trial{'s' * (self.trials > 1)}"] if self.trials else []
+        parts += [f"{self.finals} finalist{'s' * (self.finals > 1)} to re-score"] if self.finals else []
+        return ", ".join(parts) or "last pass"
+
+
+class LiveProgress:
+    """The driving process's view: ``with LiveProgress(console) as progress:``, then
+
+    - ``progress(study)`` after each trial (every second while worker processes run) redraws the tables;
+    - ``with progress.track(study, label, samples) as advance:`` around a sampling pass run in this process
+      (a trial, or a finalist re-scored on more samples); ``advance(n)`` after each batch updates the pass's
+      samples done, samples/s, its ETA and the study's (``Outlook``).
+
+    On a terminal this is a ``rich.live.Live`` display. Otherwise (a log file, CI, ``reproduce``) nothing
+    is redrawn: each pass writes log lines (``sgexp.eval.progress.LineProgress``, a tenth or 30 s apart)
+    ending with the study's ETA, and the driver logs each finished trial."""
+
+    def __init__(self, console: Console | None = None, terminal: bool | None = None):
+        self.console = console or Console()
+        self.terminal = self.console.is_terminal if terminal is None else terminal
+        self.live = Live(console=self.console, refresh_per_second=2, transient=True) if self.terminal else None
+        self.tables: Group | None = None
+        self.bar: Table | None = None
 
     def __enter__(self) -> LiveProgress:
-        self.live.start()
+        if self.live is not None:
+            self.live.start()
         return self
 
     def __exit__(self, *exc) -> None:
-        self.live.stop()
+        if self.live is not None:
+            self.live.stop()
 
     def __call__(self, study: optuna.Study) -> None:
-        self.live.update(render(study), refresh=True)
+        if self.live is not None:
+            self.tables, self.bar = render(study), None
+            self.live.update(self._view(), refresh=True)
+
+    @contextmanager
+    def track(
+        self, study: optuna.Study, label: str, samples: int, passes_after: int | None = None
+    ) -> Iterator[Callable[[int], None]]:
+        """``passes_after``: passes of the same size that follow (the finalists' re-scoring); None: a
+        screening trial, whose study ETA counts the trials left and the finalists (``Outlook.of``)."""
+        later = Outlook.of(study, samples) if passes_after is None else Outlook(0, math.nan, passes_after, samples)
+
+        def study_eta(rate: float, left: float) -> str:
+            return f", study ETA {format_seconds(left + later.seconds(samples, rate))} ({later.describe()})"
+
+        if self.live is None:
+            yield LineProgress(label, samples, "samples", extra=study_eta).advance
+            return
+        self.tables = render(study)
+        meter = Meter(samples)
+
+        def advance(n: int) -> None:
+            meter.done += n
+            now = time.monotonic()
+            rate, left = meter.rate(now), meter.seconds_left(now)
+            self.bar = pass_bar(label, meter.done, samples, rate, f"ETA {format_seconds(left)}{study_eta(rate, left)}")
+            self.live.update(self._view())  # drawn by Live's refresh thread, at most twice a second
+
+        advance(0)
+        yield advance
+
+    def _view(self) -> Group:
+        parts = [self.tables] if self.tables is not None else []
+        return Group(*parts, *([self.bar] if self.bar is not None else []))
+
+
+def pass_bar(label: str, done: int, total: int, rate: float, eta: str) -> Table:
+    """``trial 7 sg w=5 ━━━━━━━━━━━━      12/48 samples  4.1 samples/s  ETA ...``"""
+    row = Table.grid(padding=(0, 1))
+    speed = f"{rate:.1f} samples/s" if math.isfinite(rate) else "- samples/s"
+    row.add_row(label, ProgressBar(total=total, completed=done, width=30), f"{done}/{total} samples", speed, eta)
+    return row
 
 
 class ArrayProgress:

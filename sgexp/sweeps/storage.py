@@ -60,14 +60,17 @@ def default_storage(cfg: DictConfig) -> str:
 
 
 def open_storage(url: str) -> BaseStorage:
-    """A journal file path, or an RDB URL (``sqlite:///...``, ``postgresql://...``); fails now if unusable."""
+    """A journal file path, or an RDB URL (``sqlite:///...``, ``postgresql+psycopg2://...``); fails now if
+    unusable, with an error that names the URL without its password."""
     if "://" in url:
         try:
             if url.startswith("sqlite:///") and url[len("sqlite:///") :] not in ("", ":memory:"):
                 Path(url[len("sqlite:///") :].split("?", 1)[0]).parent.mkdir(parents=True, exist_ok=True)
             return optuna.storages.RDBStorage(url)
-        except Exception as err:  # sqlalchemy: unknown dialect, unreachable server, bad path
-            raise fail("storage", url, f"cannot open this database URL ({type(err).__name__}: {err})") from None
+        except Exception as err:  # sqlalchemy: unknown dialect, missing driver, unreachable server, bad path
+            raise fail(
+                "storage", shown_url(url), f"cannot open this database URL ({database_error(err, url)})"
+            ) from None
     path = Path(url).expanduser().resolve()
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -77,6 +80,39 @@ def open_storage(url: str) -> BaseStorage:
         return optuna.storages.JournalStorage(JournalFileBackend(str(path), lock_obj=RepairingLock(str(path))))
     except OSError as err:
         raise fail("storage", url, f"cannot open the journal file ({type(err).__name__}: {err})") from None
+
+
+def shown_url(url: str) -> str:
+    """A storage URL as it may be printed or logged: a database password as ``***`` (a journal path as is)."""
+    if "://" not in url:
+        return url
+    from sqlalchemy.engine import make_url  # optuna's RDB storage depends on it
+
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except Exception:  # not a URL sqlalchemy parses: only its scheme
+        return url.split("://", 1)[0] + "://..."
+
+
+def database_error(err: Exception, url: str) -> str:
+    """What went wrong opening an RDB URL, in one line without the password: SQLAlchemy's first line (a
+    server's own message: refused connection, failed authentication, unknown database), or the driver that
+    is not installed. Optuna turns a missing driver into an ImportError; its cause names the module."""
+    cause = err.__cause__ or err.__context__
+    if isinstance(err, ImportError) and isinstance(cause, ModuleNotFoundError):
+        return (
+            f"its database driver is not installed (No module named {cause.name!r}); PostgreSQL: "
+            "pip install psycopg2-binary and write postgresql+psycopg2://... (plain postgresql:// wants psycopg 3)"
+        )
+    first_line = (str(err).strip().splitlines() or [""])[0]
+    text = f"{type(err).__name__}: {first_line}".replace(url, shown_url(url))
+    try:
+        from sqlalchemy.engine import make_url
+
+        password = make_url(url).password
+    except Exception:
+        password = None
+    return text.replace(password, "***") if password else text
 
 
 @contextmanager

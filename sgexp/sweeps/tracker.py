@@ -11,7 +11,11 @@ parent of that study whose driver process is gone from this host as KILLED (``cl
 reuses its own (a resume sets it RUNNING, the end FINISHED). A parent whose driver ran on another host, or
 that waits for a SLURM array (``sgexp.driver = slurm-array:<job>``), is left as it is: nothing here can tell
 whether it still runs. Each trial gets a nested child run (tag ``mlflow.parentRunId``;
-params = the setting; metrics; the sample grid). Tracking errors in child runs are logged and do not fail
+params = the setting; metrics; the sample grid). A trial's metrics use ``sgexp.evaluate``'s keys with the
+trial's family as the setting (``eval/sg/fid``, ``eval/cfg/gflops_per_sample``, re-scored finalists
+``eval/sg/fid_final``; ``sgexp.run_record.eval_metrics``), at the checkpoint's training step (parent tag
+``sgexp.checkpoint_step``), so a CFG baseline trial, ``sgexp.evaluate guidance=[cfg]`` and the training's
+evaluation of ``cfg`` share one chart. Tracking errors in child runs are logged and do not fail
 a trial: a lost log line is cheaper than a lost evaluation. (What a worker loads once, the model,
 extractor and reference statistics, is ``sgexp.eval.evaluator.Evaluator``.)
 """
@@ -22,16 +26,16 @@ import hashlib
 import logging
 import os
 import socket
-import time
 from pathlib import Path
 
 import optuna
-from mlflow.entities import Metric, Param
+from mlflow.entities import Param
 from mlflow.tracking import MlflowClient
 from mlflow.tracking.context.registry import resolve_tags
 from omegaconf import DictConfig, OmegaConf
 
-from sgexp import run_record, tracking
+from sgexp import run_record, runs, tracking
+from sgexp.sweeps.storage import shown_url
 
 log = logging.getLogger("sgexp.sweeps.tracker")
 
@@ -43,20 +47,23 @@ class Tracker:
         self.uri, self.parent, self.study_name = tracking_uri, parent_run_id, study_name
         try:
             self.client = MlflowClient(tracking_uri=tracking_uri)
-            info = self.client.get_run(parent_run_id).info
+            parent = self.client.get_run(parent_run_id)
         except Exception as err:
             raise RuntimeError(
                 f"the study's MLflow parent run {parent_run_id} is not in {tracking_uri} ({type(err).__name__}): "
                 "pass the tracking URI the study was started with (--tracking-uri)"
             ) from None
-        self.experiment_id = info.experiment_id
+        self.experiment_id = parent.info.experiment_id
+        self.step = int(parent.data.tags.get(STEP_TAG, 0))  # the checkpoint's training step
+        self._settings: dict[str, str] = {}  # child run id -> its setting name (the trial's family)
 
     @classmethod
     def open_parent(cls, study: optuna.Study, cfg: DictConfig, tracking_uri: str, extra: dict) -> Tracker:
         """The study's parent run, created the first time; logs the config (+ ``extra``) idempotently.
 
-        ``extra["storage"]`` names the run (``parent_run_name``); parents of this study left RUNNING by
-        killed commands are closed (``close_dead_parents``)."""
+        ``extra["storage"]`` names the run (``parent_run_name``); the training step of ``extra["checkpoint"]``
+        is the step of the trials' metrics; parents of this study left RUNNING by killed commands are closed
+        (``close_dead_parents``)."""
         client = MlflowClient(tracking_uri=tracking_uri)
         run_id = study.user_attrs.get("mlflow_parent_run_id")
         storage = str(extra.get("storage", ""))
@@ -67,12 +74,16 @@ class Tracker:
             tags = {"sgexp.kind": "sweep", "sgexp.study": study.study_name, "sgexp.checkpoint": extra["checkpoint"]}
             run_id = client.create_run(experiment, run_name=name, tags=resolve_tags(tags)).info.run_id
             study.set_user_attr("mlflow_parent_run_id", run_id)
+        try:  # before the Tracker reads it; cheap (tensors are mapped, not read)
+            client.set_tag(run_id, STEP_TAG, str(runs.checkpoint_step(extra["checkpoint"])))
+        except runs.CheckpointError as err:
+            log.warning("trial metrics at step 0: %s", err)
         tracker = cls(tracking_uri, run_id, study.study_name)
         close_dead_parents(client, tracker.experiment_id, study.study_name, keep=run_id)
         client.update_run(run_id, status="RUNNING", name=name)  # a parent made before runs were named so
-        client.set_tag(run_id, "sgexp.storage", _shown_url(storage))
+        client.set_tag(run_id, "sgexp.storage", shown_url(storage))
         tracker.set_driver(f"{socket.gethostname()}:{os.getpid()}")
-        config = {**OmegaConf.to_container(cfg, resolve=True), "sweep": extra}
+        config = {**OmegaConf.to_container(cfg, resolve=True), "sweep": {**extra, "storage": shown_url(storage)}}
         run_record.log_run_context(client, run_id, config=config, root=Path(cfg.paths.root))
         return tracker
 
@@ -93,35 +104,41 @@ class Tracker:
             )
             params = tracking.flatten_params({"trial": number, "family": family, **setting})
             self.client.log_batch(run.info.run_id, params=[Param(k, v) for k, v in params.items()])
+            self._settings[run.info.run_id] = str(family)
             return run.info.run_id
         except Exception as err:
             log.warning("MLflow child run of trial %d not created: %s", number, err)
             return None
 
+    def setting_of(self, run_id: str) -> str:
+        """The setting name of a child run's metrics: its trial's family (tag ``sgexp.family``)."""
+        if run_id not in self._settings:  # a child another process started (workers, the final re-scoring)
+            self._settings[run_id] = self.client.get_run(run_id).data.tags.get("sgexp.family", "trial")
+        return self._settings[run_id]
+
     def log_metrics(self, run_id: str | None, metrics: dict) -> None:
+        """``metrics`` (a trial's row: ``fid``, ``gflops_per_sample``, ...) as ``eval/<family>/<key>``, batched."""
         if run_id is None:
             return
-        now = int(time.time() * 1000)
-        numbers = [
-            Metric(key, float(value), now, 0)
-            for key, value in metrics.items()
-            if isinstance(value, int | float) and not isinstance(value, bool)
-        ]
-        try:
-            self.client.log_batch(run_id, metrics=numbers)  # one round trip: sqlite writers queue for a lock
+        try:  # one round trip: sqlite writers queue for a lock
+            run_record.log_metrics(
+                self.client, run_record.eval_metrics(self.setting_of(run_id), metrics), self.step, run_id=run_id
+            )
         except Exception as err:
             log.warning("MLflow metrics of run %s not logged: %s", run_id, err)
 
     def end_child(
         self, run_id: str | None, status: str, reason: str | None, metrics: dict | None = None, grid: str | None = None
     ) -> None:
-        """Log the trial's metrics and grid, then end its run as FINISHED or FAILED (with ``fail_reason``)."""
+        """Log the trial's metrics and grid (the image ``eval/<family>/samples``), then end its run as FINISHED
+        or FAILED (with ``fail_reason``)."""
         if run_id is None:
             return
         self.log_metrics(run_id, metrics or {})
         try:
             if grid:
-                self.client.log_artifact(run_id, grid, "samples")
+                key = run_record.eval_key(self.setting_of(run_id), "samples")
+                run_record.log_image(self.client, grid, key, step=self.step, run_id=run_id)
             if reason:
                 self.client.set_tag(run_id, "fail_reason", reason[:5000])
             self.client.set_terminated(run_id, status)
@@ -137,18 +154,7 @@ class Tracker:
 
 
 DRIVER_TAG = "sgexp.driver"
-
-
-def _shown_url(storage: str) -> str:
-    """The storage URL without a database password (a journal path as it is)."""
-    if "://" not in storage:
-        return storage
-    from sqlalchemy.engine import make_url  # optuna's RDB storage depends on it
-
-    try:
-        return make_url(storage).render_as_string(hide_password=True)
-    except Exception:  # not a URL sqlalchemy parses: show only its scheme
-        return storage.split("://", 1)[0] + "://..."
+STEP_TAG = "sgexp.checkpoint_step"
 
 
 def parent_run_name(study_name: str, storage: str) -> str:
@@ -165,7 +171,7 @@ def parent_run_name(study_name: str, storage: str) -> str:
             host = f"{url.host}:{url.port}/" if url.host and url.port else (f"{url.host}/" if url.host else "")
             where = f"{url.get_backend_name()}:{host}{Path(url.database or '').name}"
         except Exception:  # not a URL sqlalchemy parses
-            where = _shown_url(storage)
+            where = shown_url(storage)
     else:
         path = Path(storage).expanduser().resolve()
         where = f"{path.parent.name}/{path.name}"
