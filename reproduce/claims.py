@@ -71,12 +71,20 @@ def claims(record: dict) -> list[str]:
     if not out:
         return ["## Which claims hold at this scale", "", MISSING, ""]
     t = record["training"].get("tread")
-    model = f"a {t['depth']}-block, {t['tokens']}-token model routed {', '.join(t['routes'])}" if t else "a small model"
+    if t:
+        routed = sum(int(e) - int(s) + 1 for s, e in (r.split("@")[0].split(":") for r in t["routes"]))
+        start, end = PAPER["route"]
+        model = (
+            f"a model of {t['depth']} blocks and {t['tokens']} tokens routed {', '.join(t['routes'])}: its routes "
+            f"cover {routed / t['depth']:.0%} of the blocks, against {(end - start + 1) / PAPER['depth']:.0%} in "
+            f"{PAPER['model']} (route {_paper_route()}), so its sparse passes save a little less"
+        )
+    else:
+        model = "a small model"
     caveats = [
-        f"Limits of this evidence: one training seed per model and one set of sample seeds; {model}, so sparse "
-        f"passes save far less than on {PAPER['model']} (route {_paper_route()}); domain FID on small digits "
-        "rather than Inception FID on ImageNet. A verdict here says what happens at this scale, not whether the "
-        "paper is right at its own.",
+        f"Limits of this evidence: one training seed per model and one set of sample seeds; {model}; domain FID "
+        "on small digits rather than Inception FID on ImageNet. A verdict here says what happens at this scale, "
+        "not whether the paper is right at its own.",
     ]
     return ["## Which claims hold at this scale", "", *out, "", *caveats, ""]
 

