@@ -120,7 +120,7 @@ def _evaluate(cfg: DictConfig, specs: dict, settings: list, grid: list[float], t
             warnings.simplefilter("ignore")
             settings = make_settings(specs)
     rows, features = [], {}
-    for setting in settings:  # each pass shows its own progress (sgexp.eval.progress)
+    for setting in settings:  # each pass shows its own progress (sgexp.progress)
         row, features[setting.name] = evaluator.score_with_features(
             setting.name,
             setting,

@@ -92,7 +92,7 @@ def show_progress_bar(progress: str) -> bool:
     """``trainer.progress``: ``rich`` draws Rich's bar when stdout is a terminal; in a log file (``make train >
     log``, a SLURM job) a bar writes nothing useful, so there, as with ``none``, ``TrainingMonitor`` logs one
     line per ``callbacks.monitor_every_n_steps`` (loss, images/s) on stdout, and each evaluation pass its own
-    lines (``sgexp.eval.progress``)."""
+    lines (``sgexp.progress``)."""
     check_choice("trainer.progress", progress, ("rich", "none"))
     return progress == "rich" and sys.stdout.isatty()
 

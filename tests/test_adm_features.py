@@ -241,7 +241,9 @@ def write_adm_batch(path, images: torch.Tensor, spatial: bool = True):
 def test_adm_reference_batch_round_trips_into_reference_stats(tmp_path, tf_extractor, caplog):
     images = random_images(6, 32, 32, seed=2)
     npz = write_adm_batch(tmp_path / "VIRTUAL_toy_labeled.npz", images)
-    ref = load_reference_batch(npz, tf_extractor)
+    with caplog.at_level(logging.INFO, logger="sgexp.progress"):  # two batches of 4 and 2, progress off a tty
+        ref = load_reference_batch(npz, tf_extractor, batch_size=4)
+    assert "reference batch VIRTUAL_toy_labeled.npz (inception_tf): 6/6 images (100%)" in caplog.text
     with np.load(npz) as z:
         for key in ("mu", "sigma", "mu_s", "sigma_s"):
             np.testing.assert_array_equal(getattr(ref, key), z[key])

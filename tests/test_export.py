@@ -13,9 +13,9 @@ import pytest
 import torch
 from conftest import ROOT, compose_config, compose_train, digits_run, randomize, small_config
 
+from sgexp import progress
 from sgexp.diffusion import Sampler, cfg, generate, sparse_guidance
 from sgexp.diffusion.seeds import sample_labels
-from sgexp.eval import progress
 from sgexp.eval.export import ShardWriter, merge_shards, shard_dir
 from sgexp.eval.sampling import Setting, rank_indices, sample_and_extract, score_setting, to_uint8
 from sgexp.models import DiT
@@ -158,7 +158,7 @@ def test_uniform_labels_are_uniform_per_index_and_not_balanced(models):
 
 
 def test_progress_writes_lines_when_not_a_terminal(caplog, monkeypatch):
-    caplog.set_level(logging.INFO, logger="sgexp.eval.progress")
+    caplog.set_level(logging.INFO, logger="sgexp.progress")
     with progress.track("sampling sg", total=100, terminal=False) as advance:
         for _ in range(15):
             advance(7)  # 105 > 100 is tolerated

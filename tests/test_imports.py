@@ -19,7 +19,7 @@ PACKAGE = Path(__file__).resolve().parents[1] / "sgexp"
 LAYERS = [
     ("sgexp.checks", "sgexp.config"),  # validation primitives, the typed config schemas
     ("sgexp.models", "sgexp.diffusion"),  # the core: networks, flow matching, guidance, samplers
-    ("sgexp.flops", "sgexp.runs", "sgexp.run_lock"),  # the cost model; run directories and checkpoints
+    ("sgexp.flops", "sgexp.runs", "sgexp.run_lock", "sgexp.progress"),  # cost model; run dirs; progress display
     ("sgexp.data", "sgexp.vae", "sgexp.weights"),  # datasets; the VAE; fetching pretrained weights
     ("sgexp.eval",),
     ("sgexp.tracking", "sgexp.run_record", "sgexp.slurm"),

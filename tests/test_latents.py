@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import ast
 import json
+import logging
+import re
 import shutil
 import tarfile
 from pathlib import Path
@@ -99,7 +101,7 @@ def test_decode_inverts_the_scale_and_maps_to_images(toy):
 # ----------------------------------------------------------------------------- resuming and placement
 
 
-def test_interrupted_encoding_resumes_only_the_missing_shards(toy, tmp_path):
+def test_interrupted_encoding_resumes_only_the_missing_shards(toy, tmp_path, caplog):
     images, vae_dir, latents = toy
     out = copy_dataset(latents, tmp_path / "toy_latents")
     (out / "meta.json").unlink()  # as if interrupted: two shards missing, one half-written temporary
@@ -107,8 +109,11 @@ def test_interrupted_encoding_resumes_only_the_missing_shards(toy, tmp_path):
         (out / name).unlink()
     (out / "train-000003.tar.12345.tmp").write_bytes(b"half a tar")
     kept = {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar")}
-    prepare_latents(images, str(vae_dir), out, batch_size=4, flip=True, device="cpu", workers=1)
+    with caplog.at_level(logging.INFO, logger="sgexp.progress"):  # off a terminal: lines, not a bar
+        prepare_latents(images, str(vae_dir), out, batch_size=4, flip=True, device="cpu", workers=1)
     assert (out / "meta.json").exists() and not list(out.glob("*.tmp"))
+    done = re.findall(r"encoding toy_latents: (\d+)/(\d+) images \(100%\)", caplog.text)
+    assert done and done[-1][0] == done[-1][1], caplog.text  # the two missing shards' images, all of them
     assert {p.name: p.stat().st_mtime_ns for p in out.glob("*.tar") if p.name in kept} == kept  # untouched
     for shard in latents.glob("*.tar"):
         assert (out / shard.name).read_bytes() == shard.read_bytes(), shard.name  # deterministic, same bytes

@@ -7,6 +7,7 @@ ETA and the study's) as log lines off a terminal and in its live view on one."""
 from __future__ import annotations
 
 import io
+import logging
 import math
 import os
 import re
@@ -107,10 +108,22 @@ def test_a_one_batch_pass_shows_its_rate_on_a_terminal(monkeypatch):
     """Rich's own speed estimate needs two updates; a pass of one batch (an in-training evaluation) has one."""
     import rich
 
-    from sgexp.eval.progress import track
+    from sgexp.progress import track
 
     screen = Terminal()
     monkeypatch.setattr(rich, "_console", Console(file=screen, force_terminal=True, color_system=None, width=200))
     with track("sg", total=20, terminal=True) as advance:
         advance(20)
     assert re.search(r"sg .*20/20 [\d.]+ samples/s", screen.getvalue())
+
+
+def test_preparing_a_dataset_off_a_terminal_logs_each_split_with_its_eta(tmp_path, caplog):
+    from sgexp.data.prepare import prepare_digits
+
+    with caplog.at_level(logging.INFO, logger="sgexp.progress"):
+        prepare_digits(tmp_path, val_size=180)
+    for split, total in (("train", 1617), ("val", 180)):
+        lines = re.findall(
+            rf"digits {split}: " + PASS_LINE.format(total=total).replace("samples", "images"), caplog.text
+        )
+        assert lines and int(lines[-1]) == total, caplog.text

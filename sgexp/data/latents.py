@@ -28,7 +28,6 @@ from pathlib import Path
 
 import torch
 import webdataset as wds
-from rich.progress import Progress
 
 import sgexp
 from sgexp.checks import check_positive_int, fail
@@ -36,6 +35,7 @@ from sgexp.data import latent_format
 from sgexp.data.bad_samples import BadSamples, ShardError
 from sgexp.data.latent_format import FIELDS, encode_array
 from sgexp.data.shards import read_meta, split_pipeline
+from sgexp.progress import track
 from sgexp.vae import LatentVAE, load_vae
 
 log = logging.getLogger(__name__)
@@ -356,12 +356,10 @@ def prepare_latents(
 
 def _run(encoder, job: dict, todo: list[str], devices: list[str], total: int, show: bool = True) -> None:
     """Encode ``todo``: in this process with one worker, else in a pool (one VAE per process).
-    ``show``: a progress bar (rank 0's; the other ranks log)."""
-    with Progress(disable=not (todo and show)) as progress:
-        task = progress.add_task(f"encoding {Path(job['out']).name}", total=total)
+    ``show``: progress (rank 0's; a bar on a terminal, log lines otherwise: ``sgexp.progress``)."""
+    with track(f"encoding {Path(job['out']).name}", total, "images", enabled=bool(todo and show)) as advance:
         if len(devices) == 1 or len(todo) <= 1:
             encoder.to(devices[0])
-            advance = lambda n: progress.advance(task, n)  # noqa: E731
             for name in todo:
                 _encode(encoder, job, name, advance)
             return
@@ -370,5 +368,5 @@ def _run(encoder, job: dict, todo: list[str], devices: list[str], total: int, sh
         counter = context.Value("i", 0)
         with context.Pool(len(devices), _init_worker, (job, devices, counter)) as pool:
             for name, n in pool.imap_unordered(_encode_in_worker, todo):
-                progress.advance(task, n)
+                advance(n)
                 log.debug("encoded %s (%d samples)", name, n)

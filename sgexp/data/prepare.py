@@ -151,21 +151,19 @@ def _build(
     shard_size: int,
 ) -> Path:
     """Write every split, then meta.json (atomically, last: a crash leaves no meta.json)."""
-    from rich.progress import Progress
+    from sgexp.progress import track  # imports torch.distributed: only when actually writing
 
     out.mkdir(parents=True, exist_ok=True)
     for stale in [out / "meta.json", *out.glob("train-*.tar"), *out.glob("val-*.tar")]:
         stale.unlink(missing_ok=True)
     meta["shard_samples"] = {}  # lets readers notice a shard that tarfile ends early without an error
     meta["num_skipped"] = 0  # unreadable source images (image folders only)
-    with Progress() as progress:
-        for split, indices in splits.items():
-            task = progress.add_task(f"{meta['name']} {split}", total=len(indices))
-            advance = partial(progress.advance, task)
-            written = _write_split(out, split, indices, labels, load(indices), shard_size, advance)
-            meta[f"num_{split}"], meta[f"{split}_shards"] = sum(written.values()), list(written)
-            meta["shard_samples"].update(written)
-            meta["num_skipped"] += len(indices) - meta[f"num_{split}"]
+    for split, indices in splits.items():
+        with track(f"{meta['name']} {split}", len(indices), "images") as advance:
+            written = _write_split(out, split, indices, labels, load(indices), shard_size, lambda: advance(1))
+        meta[f"num_{split}"], meta[f"{split}_shards"] = sum(written.values()), list(written)
+        meta["shard_samples"].update(written)
+        meta["num_skipped"] += len(indices) - meta[f"num_{split}"]
     tmp = out / "meta.json.tmp"
     tmp.write_text(json.dumps(meta, indent=2) + "\n")
     os.replace(tmp, out / "meta.json")

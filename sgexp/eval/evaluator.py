@@ -150,7 +150,7 @@ class Evaluator:
         its mapping ``{rule, scale, gamma_strong, ...}`` (a sweep trial's point), built here.
         ``progress(n)`` is called after each batch with its size by a caller that shows the
         pass's progress itself (a sweep's live view); without it the pass shows its own bar or
-        lines (``sgexp.eval.progress``)."""
+        lines (``sgexp.progress``)."""
         return self.score_with_features(name, setting, num_samples, seed, grid, grid_size, progress)[0]
 
     def score_with_features(

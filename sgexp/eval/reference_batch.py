@@ -31,6 +31,7 @@ import torch
 from sgexp.checks import check_positive_int, fail
 from sgexp.eval.features import FeatureExtractor
 from sgexp.eval.metrics import PR_SEED, ReferenceStats, extract
+from sgexp.progress import track
 
 log = logging.getLogger(__name__)
 
@@ -104,8 +105,13 @@ def load_reference_batch(
             raise fail("reference_batch", str(path), f"arr_0 is {images.dtype} {images.shape}, not uint8 (N, H, W, 3)")
         keep = np.sort(np.random.default_rng(PR_SEED).permutation(len(images))[: min(max_features, len(images))])
         log.info("reference batch %s: Inception features of %d of its images (precision/recall)", path, len(keep))
-        batch = torch.from_numpy(np.ascontiguousarray(images[keep].transpose(0, 3, 1, 2)))  # (N, 3, H, W)
-        features, _ = extract(extractor.to(device), batch, batch_size)
+        extractor, chunks = extractor.to(device), []
+        with track(f"reference batch {path.name} ({extractor.name})", len(keep), "images") as advance:
+            for start in range(0, len(keep), batch_size):  # a batch at a time: no second full-size copy
+                part = images[keep[start : start + batch_size]].transpose(0, 3, 1, 2)  # (B, 3, H, W)
+                chunks.append(extract(extractor, torch.from_numpy(np.ascontiguousarray(part)), batch_size)[0])
+                advance(len(part))
+        features = np.concatenate(chunks)
     else:
         log.warning("reference batch %s has no arr_0 images: precision and recall are not computed", path)
     identity = _identity(path, mu, sigma)

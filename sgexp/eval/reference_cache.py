@@ -23,7 +23,7 @@ from sgexp.data.latent_format import image_dataset_dir
 from sgexp.data.shards import shard_urls, split_pipeline
 from sgexp.eval.features import FeatureExtractor
 from sgexp.eval.metrics import PR_SEED, ReferenceStats, RunningMoments, extract_with_spatial
-from sgexp.eval.progress import track
+from sgexp.progress import track
 
 log = logging.getLogger(__name__)
 

@@ -32,9 +32,9 @@ from sgexp.diffusion.sampler import Sampler, generate
 from sgexp.diffusion.seeds import LABEL_MODES
 from sgexp.eval.export import ShardWriter, merge_shards
 from sgexp.eval.metrics import score_features
-from sgexp.eval.progress import track
 from sgexp.flops import sample_cost
 from sgexp.models.dit import DiTConfig
+from sgexp.progress import track
 
 
 @dataclass(frozen=True)
@@ -99,7 +99,7 @@ def sample_and_extract(
     latents); ``grid_size`` keeps the first samples (by index) for a sample grid.
     ``labels`` is the label mode (``balanced`` or ``uniform``). With ``npz``, the images
     are appended to this rank's shard of that file (``score_setting`` merges them).
-    Rank 0 shows the pass's progress (``sgexp.eval.progress``) unless ``show_progress``
+    Rank 0 shows the pass's progress (``sgexp.progress``) unless ``show_progress``
     is False; ``progress(n)``, if given, is also called after each batch with the samples
     of the whole pass (all ranks) it completed, as the display counts them.
     Without an ``extractor`` only the grid (and timing) is produced; an extractor with

@@ -15,9 +15,9 @@ import torch
 from lightning.pytorch.callbacks import Timer
 
 from sgexp.checks import check_positive_int
-from sgexp.eval.progress import format_seconds
 from sgexp.flops import peak_flops, train_flops
 from sgexp.models.dit import DiTConfig
+from sgexp.progress import format_seconds
 
 log = logging.getLogger(__name__)
 

@@ -303,7 +303,7 @@ def worker_main(
 ) -> None:
     """Entry of a spawned worker: log to ``log_file``, load once, loop; exits if the driver dies."""
     # stdout and stderr too: a stray print or a progress bar on the driver's terminal would tear its live view,
-    # and off a terminal each sampling pass writes lines (sgexp.eval.progress) into this worker's log
+    # and off a terminal each sampling pass writes lines (sgexp.progress) into this worker's log
     with open(log_file, "ab", buffering=0) as out:
         os.dup2(out.fileno(), 1)
         os.dup2(out.fileno(), 2)

@@ -23,7 +23,7 @@ from rich.table import Table
 
 from sgexp import tracking
 from sgexp.diffusion.guidance import RULES
-from sgexp.eval.progress import LineProgress, Meter, format_seconds
+from sgexp.progress import LineProgress, Meter, format_seconds
 from sgexp.sweeps.fidelity import finalists
 from sgexp.sweeps.report import pareto_trials
 from sgexp.sweeps.storage import counts, is_counted_fail
@@ -115,7 +115,7 @@ class LiveProgress:
       samples done, samples/s, its ETA and the study's (``Outlook``).
 
     On a terminal this is a ``rich.live.Live`` display. Otherwise (a log file, CI, ``reproduce``) nothing
-    is redrawn: each pass writes log lines (``sgexp.eval.progress.LineProgress``, a tenth or 30 s apart)
+    is redrawn: each pass writes log lines (``sgexp.progress.LineProgress``, a tenth or 30 s apart)
     ending with the study's ETA, and the driver logs each finished trial."""
 
     def __init__(self, console: Console | None = None, terminal: bool | None = None):

@@ -1,4 +1,4 @@
-"""Progress of a sampling or feature pass: samples/s and ETA, shown by rank 0 only.
+"""Progress of a long pass (sampling, features, data preparation): items/s and ETA, shown by rank 0 only.
 
     with track("sampling sg", total=50_000) as advance:
         for batch in batches:
@@ -6,7 +6,7 @@
             advance(len(batch))
 
 On a terminal (stdout is a tty) this is a ``rich.progress`` bar; otherwise (logs, SLURM,
-CI, pipes) plain log lines on the ``sgexp.eval.progress`` logger, one each time another
+CI, pipes) plain log lines on the ``sgexp.progress`` logger, one each time another
 tenth is done or 30 s have passed, whichever comes first, so a log file shows how far a
 50k-sample pass is without a line per batch. Other ranks get a no-op: their samples are
 part of the same pass, and rank 0's rate times the world size is the total.
