@@ -158,6 +158,15 @@ def test_study_end_to_end_and_resume_of_a_finished_study(trained, tmp_path, caps
     assert all(k.startswith("eval/sg/") for k in child.data.metrics)
     cfg_child = client.get_run(trials[1].user_attrs["mlflow_run_id"])
     assert cfg_child.data.metrics["eval/cfg/gflops_per_sample"] == pytest.approx(trials[1].values[1])
+    # The finalists' intervals on their own runs, the paired differences on the parent.
+    for n in finals:
+        family, final = trials[n].user_attrs["family"], study.user_attrs[f"final/{n}"]
+        logged = client.get_run(trials[n].user_attrs["mlflow_run_id"]).data.metrics
+        ci = [logged[f"eval/{family}/fid_final_ci_low"], logged[f"eval/{family}/fid_final_ci_high"]]
+        assert ci == pytest.approx(final["fid_final_ci"])
+    for p in paired:
+        key = f"eval/paired/trial-{p['a']}-trial-{p['b']}/{p['metric']}_diff"
+        assert parent.data.metrics[key] == pytest.approx(p["diff"])
     step = torch.load(trained[1].checkpoint, map_location="cpu", weights_only=False)["global_step"]
     assert {m.step for m in client.get_metric_history(child.info.run_id, "eval/sg/fid")} == {step}
     finalist = client.get_run(trials[front[0].number].user_attrs["mlflow_run_id"])

@@ -46,10 +46,11 @@ from sgexp.sweeps.plots import (
 log = logging.getLogger("sgexp.sweeps.report")
 
 TABLE_COLUMNS = tuple(
-    "number family baseline scale gamma_strong gamma_weak fid fid_final num_samples num_samples_final "
-    "gflops_per_sample relative_to_cfg precision recall class_accuracy precision_final recall_final "
-    "class_accuracy_final seconds_per_sample setting".split()
-)
+    "number family baseline scale gamma_strong gamma_weak fid fid_final fid_final_ci num_samples num_samples_final "
+    "gflops_per_sample relative_to_cfg precision recall class_accuracy sfid_final sfid_final_ci "
+    "inception_score_final precision_final precision_final_ci recall_final class_accuracy_final "
+    "seconds_per_sample setting".split()
+)  # *_final_ci: [low, high], the finalists' bootstrap intervals (``fidelity.pair_finalists``)
 MIN_HEATMAP_TRIALS = 3
 DEFAULT_OBJECTIVES = ("fid", "gflops_per_sample")  # trial.values, both minimised
 PAIRED_ATTR = "paired"  # study attribute: paired FID intervals between trials (``paired_intervals``)

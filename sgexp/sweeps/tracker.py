@@ -127,6 +127,18 @@ class Tracker:
         except Exception as err:
             log.warning("MLflow metrics of run %s not logged: %s", run_id, err)
 
+    def log_paired(self, paired: list[dict]) -> None:
+        """Paired differences between finalists (``fidelity.pair_finalists``) on the parent run, as
+        ``eval/paired/trial-<a>-trial-<b>/<metric>_diff|_ci_low|_ci_high``, batched."""
+        values = {}
+        for pair in paired:
+            named = {**pair, "a": f"trial-{pair['a']}", "b": f"trial-{pair['b']}"}
+            values.update(run_record.paired_metrics(named))
+        try:
+            run_record.log_metrics(self.client, values, self.step, run_id=self.parent)
+        except Exception as err:
+            log.warning("MLflow paired intervals of run %s not logged: %s", self.parent, err)
+
     def end_child(
         self, run_id: str | None, status: str, reason: str | None, metrics: dict | None = None, grid: str | None = None
     ) -> None:
