@@ -127,13 +127,13 @@ class TrainerConfig:
 COMPILE_MODES = ("default", "reduce-overhead", "max-autotune", "max-autotune-no-cudagraphs")
 
 
-def use_compile(compile: Any, mode: str, device_type: str) -> bool:
-    """``trainer.compile`` resolved for the device training runs on (``"cuda"``, ``"cpu"``, ...);
-    a bad ``compile`` or ``compile_mode`` fails naming the key."""
+def use_compile(compile: Any, mode: str, device_type: str, key: str = "trainer.compile") -> bool:
+    """``trainer.compile`` (or ``key``: evaluation's ``compile``) resolved for the device the network runs on
+    (``"cuda"``, ``"cpu"``, ...); a bad ``compile`` or ``compile_mode`` fails naming the key."""
     if not (compile is None or isinstance(compile, bool) or compile == "auto"):
-        raise fail("trainer.compile", compile, "must be null, 'auto' (on for CUDA, off for CPU), true or false")
+        raise fail(key, compile, "must be null, 'auto' (on for CUDA, off for CPU), true or false")
     if mode not in COMPILE_MODES:
-        raise fail("trainer.compile_mode", mode, f"must be one of {list(COMPILE_MODES)}")
+        raise fail(f"{key}_mode", mode, f"must be one of {list(COMPILE_MODES)}")
     return device_type == "cuda" if compile in (None, "auto") else compile
 
 
@@ -292,6 +292,9 @@ class EvaluateConfig:
     select_samples: int = 1000  # may exceed num_samples (unusual, allowed)
     select_seed: int | None = None  # None: seed + 1, samples the final scores never reuse (no bias from the pick)
     device: str = "auto"
+    # torch.compile of the loaded networks for sampling, as trainer.compile: auto = on for CUDA, off for CPU
+    compile: Any = "auto"
+    compile_mode: str = "default"  # default | reduce-overhead | max-autotune | ... (COMPILE_MODES)
     out_dir: str | None = None  # default: <run dir of the checkpoint>/eval/<timestamp>
     logger: LoggerConfig = field(default_factory=LoggerConfig)
     paths: PathsConfig = field(default_factory=PathsConfig)

@@ -135,6 +135,8 @@ def test_results_do_not_depend_on_the_batch_size(trained):
         (["extractor=inception"], Exception, "inception-2015-12-05.pt"),
         (["bootstrap=-1"], ValueError, "bootstrap=-1 is invalid"),
         (["ci_level=95"], ValueError, r"ci_level=95.0 is invalid: a confidence level"),
+        (["compile=maybe"], ValueError, r"compile='maybe' is invalid: must be null, 'auto'"),
+        (["compile_mode=fastest"], ValueError, r"compile_mode='fastest' is invalid: must be one of"),
     ],
 )
 def test_bad_input_fails_before_sampling(trained, extra, error, match):
@@ -145,6 +147,22 @@ def test_bad_input_fails_before_sampling(trained, extra, error, match):
                 "evaluate", eval_overrides(tmp, shards, str(result.checkpoint), *extra, "logger.enabled=false")
             )
         )
+
+
+@pytest.mark.slow  # inductor compiles the sampling step on the CPU (gcc): about a minute
+def test_compiled_evaluation_scores_the_same_samples_as_eager(trained):
+    """``compile=true``: the draws stay eager, the network runs compiled; the scores agree up to the
+    kernels' float reordering (a pixel rounding the other way to uint8 moves FID a little)."""
+    tmp, shards, result = trained
+    rows = {}
+    for compile in ("false", "true"):
+        extra = ("guidance=[cfg,sg]", f"compile={compile}", "logger.enabled=false", "bootstrap=0")
+        results = evaluate(compose_config("evaluate", eval_overrides(tmp, shards, str(result.checkpoint), *extra)))
+        rows[compile] = {r["setting"]: r for r in results["rows"]}
+    for setting in ("cfg", "sg"):
+        assert rows["true"][setting]["fid"] == pytest.approx(rows["false"][setting]["fid"], rel=1e-2)
+        accuracy = rows["false"][setting]["class_accuracy"]
+        assert rows["true"][setting]["class_accuracy"] == pytest.approx(accuracy, abs=0.05)
 
 
 def test_gamma_is_a_number_or_a_cosine_schedule_unquoted():

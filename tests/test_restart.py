@@ -285,3 +285,56 @@ def test_the_stop_signal_is_looked_at_before_evaluation_and_checkpoints_of_a_ste
     first = order.index("StopOnSignal")
     assert first < order.index("GuidedSamplingEval") and order.count("ModelCheckpoint") == 2
     assert all(first < i for i, name in enumerate(order) if name in ("ModelCheckpoint", "FinalCheckpoint"))
+
+
+class LoaderDiesOnSigterm(torch.utils.data.IterableDataset):
+    """What SLURM's SIGTERM does to a run with loader workers: the signal reaches the main process, and the
+    next fetch fails because the worker handing over the batch died. Here at item ``fail_at``."""
+
+    def __init__(self, fail_at: int):
+        self.fail_at = fail_at
+
+    def __iter__(self):
+        gen = torch.Generator().manual_seed(0)
+        for i in range(10_000):
+            if i == self.fail_at:
+                os.kill(os.getpid(), signal.SIGTERM)
+                raise RuntimeError("DataLoader worker (pid 4242) is killed by signal: Terminated.")
+            yield torch.randn(3, 16, 16, generator=gen), torch.randint(5, (), generator=gen)
+
+
+def test_sigterm_while_a_batch_is_fetched_saves_the_last_complete_step(tmp_path):
+    """``StopOnSignal.on_exception``: the loader fails before any batch-end hook could see the signal, so
+    rank zero saves the last complete step as last.ckpt; the loader's error is what the user sees."""
+    import lightning
+
+    from sgexp.config import OptimConfig
+    from sgexp.lit.module import FlowMatchingModule
+    from sgexp.lit.stop import StopOnSignal
+    from sgexp.models import DiT, DiTConfig
+
+    config = DiTConfig.from_name("SiT-Micro/4", input_size=16, in_channels=3, num_classes=5)
+    module = FlowMatchingModule(DiT(config).config.to_dict(), OptimConfig(lr=1e-3))
+    stop = StopOnSignal(tmp_path)
+    trainer = lightning.Trainer(
+        accelerator="cpu",
+        max_steps=50,
+        logger=False,
+        enable_checkpointing=False,
+        enable_progress_bar=False,
+        enable_model_summary=False,
+        callbacks=[stop],
+    )
+    before = signal.getsignal(signal.SIGTERM)
+    try:
+        with pytest.raises(RuntimeError, match="is killed by signal: Terminated"):
+            trainer.fit(module, torch.utils.data.DataLoader(LoaderDiesOnSigterm(fail_at=3 * 8 + 5), batch_size=8))
+    finally:
+        stop.restore()
+    assert signal.getsignal(signal.SIGTERM) == before  # the handlers found are back
+    saved = tmp_path / "checkpoints" / "last.ckpt"
+    # Lightning fetches one batch ahead: the 4th fetch fails while batch 2 waits, so steps 0 and 1 are complete
+    assert runs.checkpoint_step(saved) == 2
+    state = torch.load(saved, map_location="cpu", weights_only=False)
+    weights = {k: v for k, v in state["state_dict"].items() if not k.startswith("ema.")}
+    assert all(torch.equal(weights[k], v) for k, v in module.state_dict().items() if k in weights)

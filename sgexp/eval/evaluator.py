@@ -22,6 +22,7 @@ from omegaconf import DictConfig
 
 from sgexp import runs
 from sgexp.checks import fail
+from sgexp.config import use_compile
 from sgexp.diffusion.sampler import Sampler
 from sgexp.eval.features import FeatureExtractor
 from sgexp.eval.metrics import ReferenceStats
@@ -209,6 +210,10 @@ def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
         raise fail("extractor", "none", "evaluation reports metrics: use auto, classifier, inception or inception_tf")
     auto = cfg.device == "auto"
     device = torch.device(("cuda" if torch.cuda.is_available() else "cpu") if auto else cfg.device)
+    # a bad compile value fails here, before any loading. A sweep's config has no such key: its trials draw new
+    # γ's, and so new kept-token counts, each a graph to compile; they run eagerly.
+    compile_mode = cfg.get("compile_mode", "default")
+    compile_networks = use_compile(cfg.get("compile", False), compile_mode, device.type, key="compile")
     runs_dir = Path(cfg.paths.runs_dir)
     ckpt = find_checkpoint(cfg.checkpoint, runs_dir, tracking_uri)
     main = load_ema(ckpt, device)
@@ -220,6 +225,9 @@ def load_evaluator(cfg: DictConfig, tracking_uri: str | None) -> Evaluator:
         models["weak"], configs["weak"] = weak.model, weak.config
     if not main.dataset:
         raise fail("checkpoint", str(ckpt), "it does not record its dataset (hparam 'dataset')")
+    if compile_networks:  # the draws stay eager: the same samples as without (sgexp.diffusion.guided_step)
+        for model in models.values():
+            model.compile_core(mode=compile_mode)
     scoring = load_scoring(
         cfg.extractor,
         Path(cfg.paths.data_dir) / main.dataset,
