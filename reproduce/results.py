@@ -25,6 +25,7 @@ ROW_KEYS = (
     "recall",
     "class_accuracy",
     "gflops_per_sample",
+    "gflops_per_sample_unshared",  # every pass counted in full, the paper's convention
     "relative_to_cfg",
 )
 ROW_KEYS += ("seconds_per_sample", "num_samples", "grid")

@@ -59,6 +59,9 @@ def test_smoke_pipeline_writes_the_report_and_resumes(tmp_path, one_torch_thread
     for figure in FIGURES:
         assert (docs / figure).stat().st_size > 1000 and f"({figure})" in text
     assert "## Which claims hold at this scale" in text and "SG reaches a lower FID than CFG" in text
+    sg = record["guidance"]["sg_w5"]  # its cost both ways: as run (prefix shared) and as the paper counts it
+    assert sg["gflops_per_sample_unshared"] > sg["gflops_per_sample"]
+    assert f"counted the paper's way, both passes in full, {sg['gflops_per_sample_unshared']:.3f}" in text
     assert "python -m sgexp.train experiment=mnist_dense" in text and "resume=/" not in text
     assert json.loads((tmp_path / "work" / "record.json").read_text())["pending"] == []
 
